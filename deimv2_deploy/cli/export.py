@@ -1,0 +1,105 @@
+"""deimv2-export SIZE: the reference model in deploy mode -> ONNX -> OpenVINO IR | TensorRT engine."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from deimv2_deploy.cli import run_cli
+from deimv2_deploy.variants import VARIANT_NAMES
+
+__all__ = ["main", "build_parser"]
+
+
+def _dynamic_batch(text: str) -> str:
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deimv2-export",
+        description="Export a DEIMv2 model (deploy mode + postprocessor, official I/O) with its preprocessing "
+                    "metadata and a parity report against PyTorch.",
+        epilog="Examples:\n  deimv2-export atto --random-weights\n  deimv2-export s --checkpoint deimv2_dinov3_s_coco.pth\n"
+               "  deimv2-export s --format openvino --precision int8 --calibration images/\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("size", choices=[*VARIANT_NAMES, "all"], help="model size, or 'all'")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="official .pth/.safetensors or Hugging Face folder (default: the model store)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="deterministic untrained weights, for plumbing and benchmarks (recorded in the metadata)")
+    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt"], default="onnx")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="OpenVINO/TensorRT precision (ONNX: use --fp16)")
+    p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
+    p.add_argument("--opset", type=int, default=17)
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, help="fix the batch size (default: dynamic)")
+    batch.add_argument("--dynamic-batch", nargs="?", const="dynamic", metavar="MIN:OPT:MAX",
+                       help="dynamic batch (the default); for TensorRT the profile range, e.g. 1:1:8")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    p.add_argument("--fp16", action="store_true", help="ONNX with FP16 weights (I/O stays float32/int64)")
+    p.add_argument("--calibration", help="folder of images for INT8 calibration (OpenVINO, TensorRT)")
+    p.add_argument("--calibration-size", type=int, default=300, help="images used for INT8 calibration")
+    p.add_argument("--workspace", type=float, default=4.0, help="TensorRT builder workspace, GB")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
+    p.add_argument("--fp32-attention", action="store_true", help="TensorRT FP16: keep ViT attention in FP32")
+    p.add_argument("--force", action="store_true", help="TensorRT: build FP16 even on TensorRT < 10.6")
+    p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def _export_one(args: argparse.Namespace, size: str):
+    common = dict(checkpoint=args.checkpoint, random_weights=args.random_weights, output_dir=args.output_dir)
+    if args.format == "onnx":
+        from deimv2_deploy.exporters.onnx_export import export_onnx
+
+        if args.precision != "fp32" and not args.fp16:
+            raise ValueError("for ONNX use --fp16 (INT8 is available for --format openvino / tensorrt)")
+        return export_onnx(size, opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
+                           fp16=args.fp16, quiet=args.quiet, **common)
+    if args.format == "openvino":
+        from deimv2_deploy.exporters.openvino_export import export_openvino
+
+        return export_openvino(size, precision=args.precision, calibration=args.calibration,
+                               calibration_size=args.calibration_size, **common)
+    from deimv2_deploy.exporters.tensorrt_export import export_tensorrt, parse_dynamic_batch
+
+    dynamic = None
+    if args.dynamic_batch not in (None, "dynamic"):
+        dynamic = parse_dynamic_batch(args.dynamic_batch)
+    return export_tensorrt(size, precision=args.precision, calibration=args.calibration,
+                           calibration_size=args.calibration_size, batch=args.batch, dynamic_batch=dynamic,
+                           workspace_gb=args.workspace, timing_cache=args.timing_cache,
+                           fp32_attention=args.fp32_attention, force=args.force, **common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        build_parser().error(f"--batch must be at least 1, got {args.batch}")
+    if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt":
+        build_parser().error("--dynamic-batch MIN:OPT:MAX is for --format tensorrt; ONNX/OpenVINO are dynamic by default")
+
+    def body() -> int:
+        sizes = list(VARIANT_NAMES) if args.size == "all" else [args.size]
+        results = []
+        for size in sizes:
+            result = _export_one(args, size)
+            results.append(result)
+            if not args.json:
+                print(f"wrote {result.path}\n  {result.spec.describe()}  ({result.seconds:.1f} s)")
+                if result.spec.random_weights:
+                    print("  NOTE: random weights: detections are meaningless; use an official checkpoint for real use")
+        if args.json:
+            json.dump([{"path": str(r.path), "spec": r.spec.to_dict(), "parity": r.parity, "seconds": r.seconds}
+                       for r in results], sys.stdout, indent=2)
+            print()
+        return 0
+
+    return run_cli(body, "deimv2-export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""deimv2-export, ONNX part: the deploy-mode model + postprocessor, official I/O, metadata, parity report.
+
+Steps: load the reference (checkpoint from the store, a given path, or deterministic random weights) ->
+deploy() -> trace with the TorchScript exporter (torch's dynamo exporter fails on this graph today) ->
+onnxsim (keeping the dynamic batch axis; constant folding skipped where it breaks, e.g. RoPE in l/x) ->
+optional FP16 -> parity against PyTorch with ONNX Runtime -> metadata -> atomic rename to the final name.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from deimv2_deploy.exporters.common import (
+    EXPORTER,
+    ExportResult,
+    Steps,
+    artifact_name,
+    library_versions,
+    load_reference,
+    resolve_store,
+)
+from deimv2_deploy.exporters.parity import ParityError, compare_graph_outputs, parity_batch, reference_outputs
+from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
+from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.variants import get_variant_info
+
+__all__ = ["export_onnx", "trace_to_onnx", "write_onnx_with_spec", "run_onnx"]
+
+
+def trace_to_onnx(graph: Any, spec: ArtifactSpec, path: Path, opset: int = 17, batch: int | None = None) -> None:
+    """Write the traced DeployGraph to `path` (dynamic batch unless `batch` is given)."""
+    import torch
+
+    n = batch or 2  # trace with 2 images so nothing specialises on a batch of one
+    h, w = spec.input_size
+    images = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[w, h]] * n, dtype=torch.int64)
+    dynamic = None if batch else {name: {0: "N"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings about python-int shapes are expected and checked by parity
+        torch.onnx.export(graph, (images, sizes), str(path), input_names=list(INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+
+
+def _simplify(path: Path) -> str:
+    """Simplify in place with onnxsim; returns what was done."""
+    import onnx
+    import onnxsim
+
+    model = onnx.load(str(path))
+    for skip_folding in (False, True):  # constant folding fails on some graphs (l, x RoPE); retry without
+        try:
+            simplified, _ = onnxsim.simplify(model, check_n=0, skip_constant_folding=skip_folding)
+            onnx.save(simplified, str(path))
+            return "onnxsim" + (" (constant folding skipped)" if skip_folding else "")
+        except Exception as e:  # noqa: BLE001 - onnxsim raises many types; fall back, then give up loudly
+            error = e
+    warnings.warn(f"onnxsim could not simplify the graph ({error}); keeping the traced graph", stacklevel=2)
+    return f"not simplified: {error}"
+
+
+def _to_fp16(path: Path) -> None:
+    import onnx
+
+    try:
+        from onnxconverter_common import float16
+    except ImportError as e:
+        raise RuntimeError("--fp16 needs onnxconverter-common: pip install onnxconverter-common") from e
+    model = onnx.load(str(path))
+    # keep I/O types (float32 images, int64 sizes) and the postprocessing TopK in float32
+    model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=["TopK", "Sigmoid"])
+    onnx.save(model, str(path))
+
+
+def run_onnx(path: Path, threads: int | None = None):
+    """A function running the ONNX file in ONNX Runtime (CPU): inputs dict -> outputs dict."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def run(inputs):
+        return dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), inputs)))
+
+    return run
+
+
+def write_onnx_with_spec(src: Path, dst: Path, spec: ArtifactSpec) -> None:
+    """Copy `src` to `dst` with the spec in metadata_props (replacing any earlier deimv2 entries)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    keep = [p for p in model.metadata_props if not p.key.startswith("deimv2.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in spec.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "deimv2-deploy"
+    onnx.save(model, str(dst))
+
+
+def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
+                output_dir: str | os.PathLike | None = None, opset: int = 17, batch: int | None = None,
+                simplify: bool = True, fp16: bool = False, quiet: bool = False, graph: Any = None,
+                weights: str | None = None) -> ExportResult:
+    """Export DEIMv2-`variant` to ONNX in the model store; fails loudly when FP32 parity is broken.
+
+    `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters)
+    reuse it instead of loading the checkpoint again.
+    """
+    from deimv2_deploy.models.graph import DeployGraph
+
+    info = get_variant_info(variant)
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be at least 1 (or None for dynamic), got {batch}")
+    store = resolve_store(output_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    precision = "fp16" if fp16 else "fp32"
+    final = store / artifact_name(info.name, precision, random_weights, batch, ".onnx")
+    steps = Steps(f"onnx {info.name}", 5, quiet)
+
+    if graph is None:
+        steps(f"loading DEIMv2-{info.name} ({'random weights' if random_weights else checkpoint or 'model store'})")
+        model, weights = load_reference(info.name, checkpoint, random_weights, store)
+        graph = DeployGraph(model).eval()
+    else:
+        steps(f"using the given DEIMv2-{info.name} deploy graph")
+    spec = ArtifactSpec.for_variant(info.name, weights=weights or "unknown", random_weights=random_weights,
+                                    precision=precision, batch=batch, exporter=EXPORTER)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial.onnx", dir=store)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        steps(f"tracing to ONNX (opset {opset}, batch {'dynamic' if batch is None else batch})")
+        trace_to_onnx(graph, spec, tmp, opset=opset, batch=batch)
+        simplified = "no (--no-simplify)"
+        if simplify:
+            steps("simplifying with onnxsim")
+            simplified = _simplify(tmp)
+        else:
+            steps("simplification skipped")
+        if fp16:
+            _to_fp16(tmp)
+        steps("checking parity against PyTorch (ONNX Runtime, CPU)")
+        check = parity_batch(spec, count=batch or 2)
+        reference = reference_outputs(graph, check)
+        tolerances = {} if not fp16 else {"box_tol": 2.0, "score_tol": 1e-2}
+        parity = compare_graph_outputs(run_onnx(tmp), reference, check, **tolerances)
+        parity["against"] = "PyTorch deploy model (CPU, FP32)"
+        if not fp16 and not parity["ok"]:
+            raise ParityError(f"ONNX export of DEIMv2-{info.name} disagrees with PyTorch: {_describe(parity)}. "
+                              "Nothing was written; please report this with the command you ran")
+        spec = spec.with_(parity=parity, versions=library_versions("torch", "onnx", "onnxsim", "onnxruntime"),
+                          build={"opset": opset, "simplified": simplified})
+        steps(f"writing {final}")
+        write_onnx_with_spec(tmp, tmp, spec)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not quiet:
+        print(f"parity vs PyTorch: {_describe(parity)}", flush=True)
+    return ExportResult(final, spec, parity, steps.elapsed)
+
+
+def _describe(p: dict[str, Any]) -> str:
+    return (f"{'ok' if p['ok'] else 'FAILED'}: {p['matched']}/{p['total']} detections matched "
+            f"({100 * p['fraction']:.1f}%), max box diff {p['max_box_diff']:.2e} px "
+            f"(tol {p['box_tol']:g}), max score diff {p['max_score_diff']:.2e} (tol {p['score_tol']:g})")

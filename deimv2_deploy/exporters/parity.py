@@ -1,0 +1,118 @@
+"""Parity of an exported graph against the PyTorch reference, order-free.
+
+Top-k over near-equal scores may list equal detections in another order, or trade one at the k boundary, so
+detections are matched one-to-one (same label, box and score within tolerance), not compared by index. The report
+says how many matched and the largest box/score difference among matched ones. Torch-free: the reference outputs
+come in as numpy.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from deimv2_deploy.preprocess import PreparedBatch, Preprocessor
+from deimv2_deploy.spec import ArtifactSpec
+
+__all__ = ["FP32_BOX_TOL", "FP32_SCORE_TOL", "MIN_MATCHED", "ParityError", "match_detections", "parity_images",
+           "parity_batch", "compare_graph_outputs", "reference_outputs"]
+
+FP32_BOX_TOL = 1e-2  # pixels
+FP32_SCORE_TOL = 1e-5
+MIN_MATCHED = 0.98
+
+
+class ParityError(RuntimeError):
+    """An exported artifact disagrees with PyTorch beyond the FP32 tolerance."""
+
+
+def _match_rows(ours: np.ndarray, ref: np.ndarray, tol: np.ndarray) -> tuple[int, np.ndarray]:
+    """Greedy one-to-one matching of rows within per-column tolerances; (matched, index pairs)."""
+    scaled = np.abs(ref[:, None, :] - ours[None, :, :]) / tol  # (R, O, cols) in units of tolerance
+    cost = scaled.max(-1)
+    used = np.zeros(len(ours), bool)
+    pairs = []
+    for r in np.argsort(cost.min(1), kind="stable"):  # most certain reference rows first
+        free = np.flatnonzero(~used & (cost[r] <= 1.0))
+        if free.size:
+            o = free[np.argmin(cost[r, free])]
+            used[o] = True
+            pairs.append((r, o))
+    return len(pairs), np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def match_detections(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], box_tol: float = FP32_BOX_TOL,
+                     score_tol: float = FP32_SCORE_TOL, min_matched: float = MIN_MATCHED) -> dict[str, Any]:
+    """Compare graph outputs {labels (N,K), boxes (N,K,4), scores (N,K)} image by image, order-free."""
+    n = ref["scores"].shape[0]
+    if ours["scores"].shape != ref["scores"].shape:
+        return {"ok": False, "matched": 0, "total": int(ref["scores"].size), "fraction": 0.0,
+                "max_box_diff": float("inf"), "max_score_diff": float("inf"), "box_tol": box_tol,
+                "score_tol": score_tol, "detail": f"shapes differ: {ours['scores'].shape} vs {ref['scores'].shape}"}
+    tol = np.array([0.5, box_tol, box_tol, box_tol, box_tol, score_tol])  # labels must be equal
+    matched = total = 0
+    max_box = max_score = 0.0
+    worst_image = 1.0
+    for i in range(n):
+        rows = [np.concatenate([d["labels"][i][:, None].astype(np.float64), d["boxes"][i].astype(np.float64),
+                                d["scores"][i][:, None].astype(np.float64)], 1) for d in (ours, ref)]
+        m, pairs = _match_rows(rows[0], rows[1], tol)
+        matched, total = matched + m, total + len(rows[1])
+        worst_image = min(worst_image, m / max(1, len(rows[1])))
+        if m:
+            diff = np.abs(rows[1][pairs[:, 0]] - rows[0][pairs[:, 1]])
+            max_box = max(max_box, float(diff[:, 1:5].max()))
+            max_score = max(max_score, float(diff[:, 5].max()))
+    # the score tolerance is loose for near-ties; also report how far the unmatched ones are
+    return {"ok": bool(worst_image >= min_matched), "matched": int(matched), "total": int(total),
+            "fraction": round(matched / max(1, total), 4), "max_box_diff": max_box, "max_score_diff": max_score,
+            "box_tol": box_tol, "score_tol": score_tol, "min_matched": min_matched}
+
+
+def parity_images(count: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """Fixed BGR test scenes of different sizes (640x480 and 500x375): gradients, rectangles and discs."""
+    rng = np.random.default_rng(seed)
+    sizes = [(480, 640), (375, 500), (720, 1280), (300, 300)]
+    images = []
+    for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([c[0] * xx / w + c[1] * yy / h + c[2] for c in rng.uniform(0, 120, (3, 3))], -1)
+        img = base.copy()
+        for _ in range(12):
+            x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
+            x1, y1 = min(w, x0 + rng.integers(20, w // 2)), min(h, y0 + rng.integers(20, h // 2))
+            color = rng.uniform(0, 255, 3)
+            if rng.random() < 0.5:
+                img[y0:y1, x0:x1] = color
+            else:
+                mask = ((xx - (x0 + x1) / 2) ** 2 / max(1, (x1 - x0) / 2) ** 2
+                        + (yy - (y0 + y1) / 2) ** 2 / max(1, (y1 - y0) / 2) ** 2) <= 1
+                img[mask] = color
+        img += rng.uniform(0, 12, img.shape)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return images
+
+
+def parity_batch(spec: ArtifactSpec, count: int = 2) -> PreparedBatch:
+    """The fixed input every export is checked on, preprocessed as at inference."""
+    return Preprocessor(spec)(parity_images(count))
+
+
+def compare_graph_outputs(run_artifact: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+                          reference: Mapping[str, np.ndarray], batch: PreparedBatch, **tolerances: Any
+                          ) -> dict[str, Any]:
+    """Run the artifact on `batch` and match its detections against the reference outputs."""
+    ours = run_artifact(batch.as_inputs())
+    ours = {k: np.asarray(ours[k]) for k in ("labels", "boxes", "scores")}
+    return match_detections(ours, reference, **tolerances)
+
+
+def reference_outputs(graph: Any, batch: PreparedBatch) -> dict[str, np.ndarray]:
+    """PyTorch outputs of a DeployGraph on `batch` (imports torch)."""
+    import torch
+
+    with torch.inference_mode():
+        labels, boxes, scores = graph(torch.from_numpy(batch.images), torch.from_numpy(batch.orig_target_sizes))
+    return {"labels": labels.numpy(), "boxes": boxes.float().numpy(), "scores": scores.float().numpy()}

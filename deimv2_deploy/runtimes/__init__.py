@@ -1,0 +1,87 @@
+"""Runtimes: `load_runtime(path)` picks the backend from the file; each backend imports its library lazily.
+
+    from deimv2_deploy.runtimes import load_runtime
+    runtime = load_runtime("models/deimv2_atto_fp32.onnx")
+    detections = runtime.predict(cv2.imread("street.jpg"))
+
+Importing this package imports no torch; only the torch backend (checkpoints) needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES, Backend, BackendUnavailableError, Runtime
+
+__all__ = ["Backend", "Runtime", "BackendUnavailableError", "load_runtime", "backend_class", "available_backends",
+           "backend_for_path", "INPUT_NAMES", "OUTPUT_NAMES"]
+
+# backend -> (module, class); imported only when used
+_BACKENDS = {
+    Backend.TORCH: ("deimv2_deploy.runtimes.torch_backend", "TorchRuntime"),
+    Backend.ONNXRUNTIME: ("deimv2_deploy.runtimes.onnxruntime_backend", "OnnxRuntime"),
+    Backend.OPENVINO: ("deimv2_deploy.runtimes.openvino_backend", "OpenVinoRuntime"),
+    Backend.TENSORRT: ("deimv2_deploy.runtimes.tensorrt_backend", "TensorRtRuntime"),
+}
+# which backends can read which file type; the first is the default
+_BY_SUFFIX = {
+    ".onnx": (Backend.ONNXRUNTIME, Backend.OPENVINO),
+    ".xml": (Backend.OPENVINO,),
+    ".engine": (Backend.TENSORRT,),
+    ".plan": (Backend.TENSORRT,),
+    ".pth": (Backend.TORCH,),
+    ".pt": (Backend.TORCH,),
+    ".safetensors": (Backend.TORCH,),
+}
+
+
+def backend_class(backend: str | Backend) -> type[Runtime]:
+    module, name = _BACKENDS[Backend.parse(backend)]
+    return getattr(importlib.import_module(module), name)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Backend name -> None when usable here, else the reason it is not."""
+    out = {}
+    for b in Backend:
+        try:
+            out[b.value] = backend_class(b).unavailable_reason()
+        except ImportError as e:  # the backend module itself needs something missing
+            out[b.value] = str(e)
+    return out
+
+
+def backend_for_path(path: Path) -> tuple[Backend, ...]:
+    if path.is_dir():
+        if (path / "model.safetensors").exists() or (path / "config.json").exists():
+            return (Backend.TORCH,)
+        raise ValueError(f"{path} is a folder but not a Hugging Face DEIMv2 folder (config.json + model.safetensors)")
+    suffix = path.suffix.lower()
+    if suffix not in _BY_SUFFIX:
+        raise ValueError(f"unknown file type {suffix or '(none)'!r} for {path}: expected one of "
+                         f"{', '.join(_BY_SUFFIX)} or a Hugging Face folder")
+    return _BY_SUFFIX[suffix]
+
+
+def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, device: str = "cpu",
+                 variant: str | None = None, **options: Any) -> Runtime:
+    """Load an artifact (or checkpoint) on the backend its file type implies, or the one named.
+
+    `variant` is needed only for files without deimv2-deploy metadata (official-exporter ONNX, checkpoints
+    whose size cannot be recognised). Backend options (threads, streams, precision...) pass through.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"artifact not found: {p}")
+    possible = backend_for_path(p)
+    chosen = Backend.parse(backend) if backend is not None else possible[0]
+    if chosen not in possible:
+        raise ValueError(f"backend {chosen.value!r} cannot load {p.suffix or 'folder'} files; "
+                         f"use one of {', '.join(b.value for b in possible)}")
+    cls = backend_class(chosen)
+    reason = cls.unavailable_reason()
+    if reason:
+        raise BackendUnavailableError(reason)
+    return cls(p, device=device, variant=variant, **options)

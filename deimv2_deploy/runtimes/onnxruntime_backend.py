@@ -1,0 +1,108 @@
+"""ONNX Runtime backend: CPU (and CUDA/TensorRT execution providers where installed)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deimv2_deploy.runtimes.base import Backend, BackendUnavailableError, Runtime
+from deimv2_deploy.spec import ArtifactSpec
+
+__all__ = ["OnnxRuntime", "read_onnx_spec"]
+
+_DEVICE_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime "
+                                      "(or onnxruntime-gpu for CUDA)") from e
+    return onnxruntime
+
+
+def read_onnx_spec(session: Any, path: Path, variant: str | None) -> ArtifactSpec:
+    """The spec stored in the file's metadata, or the official preprocessing of `variant` for an official export."""
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    spec = ArtifactSpec.from_metadata(metadata)
+    if spec is None:
+        if variant is None:
+            raise ValueError(f"{path} has no deimv2-deploy metadata (an official-exporter ONNX?): pass the size, "
+                             "e.g. load_runtime(path, variant='atto') or deimv2-infer --variant atto")
+        spec = ArtifactSpec.for_official_export(variant)
+        shape = session.get_inputs()[0].shape  # ['N', 3, H, W]
+        if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]) and tuple(shape[2:]) != spec.input_size:
+            raise ValueError(f"{path} takes {shape[2]}x{shape[3]} images but DEIMv2-{variant} uses "
+                             f"{spec.input_size[0]}x{spec.input_size[1]}: is it really size {variant!r}?")
+        if isinstance(shape[0], int):
+            spec = spec.with_(batch=shape[0])
+    elif variant is not None and variant.lower() != spec.variant:
+        raise ValueError(f"{path} is DEIMv2-{spec.variant} (from its metadata), not {variant!r}")
+    return spec
+
+
+class OnnxRuntime(Runtime):
+    backend = Backend.ONNXRUNTIME
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", variant: str | None = None,
+                 threads: int | None = None, providers: list[str] | None = None, optimization: str = "all",
+                 **_ignored: Any) -> None:
+        ort = _import_ort()
+        self.path = Path(path)
+        device = device.lower()
+        if providers is None:
+            if device not in _DEVICE_PROVIDERS:
+                raise ValueError(f"onnxruntime device must be one of {', '.join(_DEVICE_PROVIDERS)}, got {device!r}")
+            providers = _DEVICE_PROVIDERS[device]
+        available = ort.get_available_providers()
+        if providers[0] not in available:
+            raise BackendUnavailableError(f"onnxruntime here has no {providers[0]} (available: {available}); "
+                                          "for CUDA install onnxruntime-gpu, or use device='cpu'")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[optimization]
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.threads = threads
+        self.session = ort.InferenceSession(str(self.path), sess_options=options,
+                                            providers=[p for p in providers if p in available])
+        spec = read_onnx_spec(self.session, self.path, variant)
+        super().__init__(spec, device)
+        names = [i.name for i in self.session.get_inputs()]
+        if sorted(names) != sorted(self.input_names):
+            raise ValueError(f"{self.path} has inputs {names}, expected {list(self.input_names)} (a DEIMv2 deploy graph)")
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            _import_ort()
+            return True
+        except BackendUnavailableError:
+            return False
+
+    @classmethod
+    def version(cls) -> str | None:
+        try:
+            return _import_ort().__version__
+        except BackendUnavailableError:
+            return None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": self.session.get_providers(), "threads": self.threads}
+
+    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(list(self.output_names), inputs)
+        return dict(zip(self.output_names, values))

@@ -1,0 +1,123 @@
+"""ArtifactSpec: the identity and preprocessing every exported artifact carries.
+
+ONNX stores it in `metadata_props`, OpenVINO IR in `rt_info`, a TensorRT engine in a JSON sidecar. A runtime
+reads it from there and never guesses normalisation from a file name. Stored as one JSON document under
+`METADATA_KEY`, plus a few flat keys so a person looking at the file (Netron, `ovc`) sees what it is.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from deimv2_deploy.classes import COCO_CLASSES
+from deimv2_deploy.variants import get_variant_info
+
+__all__ = ["ArtifactSpec", "METADATA_KEY", "SPEC_FORMAT", "RESIZE_MODES"]
+
+METADATA_KEY = "deimv2.spec"
+SPEC_FORMAT = 1
+RESIZE_MODES = ("stretch", "letterbox")
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    variant: str
+    input_size: tuple[int, int]  # (height, width) of the `images` input
+    mean: tuple[float, float, float] | None  # RGB on [0, 1]; None: the graph takes plain [0, 1] RGB
+    std: tuple[float, float, float] | None
+    resize: str = "stretch"  # how images are brought to input_size: "stretch" (official eval) or "letterbox"
+    class_names: tuple[str, ...] = COCO_CLASSES
+    top_k: int = 300  # detections per image the graph returns
+    weights: str = "unknown"  # where the weights came from (checkpoint path + sha256, or "random ...")
+    random_weights: bool = False  # True: deterministic untrained weights, for plumbing and timing only
+    precision: str = "fp32"
+    batch: int | None = None  # None: dynamic batch axis
+    exporter: str = "unknown"  # "deimv2-deploy X.Y.Z" or "official (no metadata)"
+    versions: dict[str, str] = field(default_factory=dict)  # libraries used to build the artifact
+    parity: dict[str, Any] | None = None  # the export's parity report against PyTorch
+    build: dict[str, Any] = field(default_factory=dict)  # backend-specific build settings
+    format: int = SPEC_FORMAT
+
+    def __post_init__(self) -> None:
+        get_variant_info(self.variant)  # validates the name
+        h, w = self.input_size
+        if h <= 0 or w <= 0 or h % 32 or w % 32:
+            raise ValueError(f"input_size must be positive multiples of 32, got {self.input_size}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std must both be given or both be None")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        object.__setattr__(self, "input_size", (int(h), int(w)))
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    # --- constructors -------------------------------------------------------------------------------
+    @classmethod
+    def for_variant(cls, variant: str, **overrides: Any) -> ArtifactSpec:
+        """The spec of an artifact of `variant` with the official preprocessing."""
+        info = get_variant_info(variant)
+        base = dict(variant=info.name, input_size=info.input_size, mean=info.mean, std=info.std)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def for_official_export(cls, variant: str) -> ArtifactSpec:
+        """An artifact from the official exporter: no metadata, so the user named the variant."""
+        return cls.for_variant(variant, exporter="official (no metadata)", weights="unknown (official export)")
+
+    def with_(self, **changes: Any) -> ArtifactSpec:
+        return replace(self, **changes)
+
+    # --- serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["class_names"] = list(self.class_names)
+        for name in ("mean", "std"):
+            d[name] = None if d[name] is None else list(d[name])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArtifactSpec:
+        if int(d.get("format", 0)) > SPEC_FORMAT:
+            raise ValueError(f"artifact metadata format {d.get('format')} is newer than this deimv2-deploy "
+                             f"understands ({SPEC_FORMAT}); upgrade deimv2-deploy")
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["input_size"] = tuple(kwargs["input_size"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactSpec:
+        return cls.from_dict(json.loads(text))
+
+    def to_metadata(self) -> dict[str, str]:
+        """Flat string key/values for ONNX metadata_props / OpenVINO rt_info."""
+        return {
+            METADATA_KEY: json.dumps(self.to_dict(), sort_keys=True),
+            "deimv2.variant": self.variant,
+            "deimv2.input_size": f"{self.input_size[0]}x{self.input_size[1]}",
+            "deimv2.normalize": "imagenet" if self.mean is not None else "none",
+            "deimv2.weights": self.weights,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> ArtifactSpec | None:
+        """The spec stored by `to_metadata`, or None where the artifact has none (official exporter)."""
+        text = metadata.get(METADATA_KEY)
+        return None if text is None else cls.from_json(text)
+
+    # --- for people ---------------------------------------------------------------------------------
+    def describe(self) -> str:
+        norm = "ImageNet mean/std" if self.mean is not None else "none"
+        batch = "dynamic" if self.batch is None else str(self.batch)
+        weights = "RANDOM (deterministic, untrained: not for real detection)" if self.random_weights else self.weights
+        return (f"DEIMv2-{self.variant} {self.input_size[0]}x{self.input_size[1]}, normalisation {norm}, "
+                f"resize {self.resize}, {self.precision}, batch {batch}, weights: {weights}")
