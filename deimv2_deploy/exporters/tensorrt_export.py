@@ -1,0 +1,591 @@
+"""deimv2-export, TensorRT part: our ONNX artifact -> a serialized engine (FP32, FP16 or INT8) + its JSON sidecar.
+
+Steps: the ONNX (exported here, or the file given) -> TensorRT's ONNX parser -> one optimization profile over
+the batch axis of both inputs -> precision (FP16 flag; or INT8 with an entropy calibrator fed by images
+preprocessed exactly as at inference; optionally the ViT attention pinned to FP32) -> build -> parity of the
+engine against ONNX Runtime on the same ONNX -> `<name>.engine` and `<name>.engine.json`, each written atomically.
+
+Written against the TensorRT 10 Python API (`create_network(0)`: explicit batch is implicit since 10.0).
+- FP16 needs TensorRT >= 10.6: earlier 10.x builds FP16 DEIMv2 engines that return wrong detections (DEIMv2
+  issues #53 and #112). We refuse unless `force=True`.
+- TensorRT 11 removed the weakly typed precision flags (BuilderFlag.FP16/INT8) and INT8 calibrators; there only
+  FP32 builds work here.
+- "fp32" engines are built with TF32 off, so they are FP32 in fact and comparable with ONNX Runtime.
+
+The pure logic (batch profiles, "MIN:OPT:MAX" parsing, version checks, calibration batching, layer selection by
+name, build settings) is separate from the library calls so it is tested without TensorRT.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deimv2_deploy.exporters.common import EXPORTER, ExportResult, Steps, artifact_name, library_versions, resolve_store
+from deimv2_deploy.media import atomic_path, expand_image_paths, read_image
+from deimv2_deploy.preprocess import Preprocessor
+from deimv2_deploy.runtimes.base import INPUT_NAMES
+from deimv2_deploy.runtimes.tensorrt_backend import (
+    FP16_SAFE_TENSORRT,
+    INSTALL_HINT,
+    MIN_TENSORRT,
+    parse_cuda_device,
+    parse_version,
+    sidecar_path,
+    usual_permissions,
+    write_sidecar,
+)
+from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.variants import get_variant_info
+
+__all__ = ["export_tensorrt", "PRECISIONS", "BatchProfile", "DEFAULT_DYNAMIC_BATCH", "TensorRtVersionError",
+           "parse_batch_range", "parse_dynamic_batch", "resolve_batch_profile", "profile_shapes",
+           "check_tensorrt_version",
+           "select_calibration_images", "CalibrationBatches", "calibration_batch_size", "calibration_fingerprint",
+           "ATTENTION_NAME_PATTERN", "ATTENTION_LAYER_TYPES", "select_fp32_layers", "build_settings",
+           "parity_tolerances", "engine_spec"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+MAX_CALIBRATION_BATCH = 8
+# The ViT self-attention core of s/m/l/x as our ONNX names it (/model/backbone/dinov3/blocks.<i>/attn/MatMul,
+# .../Softmax, .../MatMul_1): Q.K^T, softmax and attention.V, not the qkv/proj linear layers around them.
+ATTENTION_NAME_PATTERN = r"(^|/)backbone/.*blocks\.\d+/attn/(?!proj/|qkv/)"
+ATTENTION_LAYER_TYPES = ("MATRIX_MULTIPLY", "SOFTMAX")
+FP16_BUG = "wrong FP16 outputs, fixed in TensorRT 10.6; DEIMv2 issues #53 and #112"
+
+
+class TensorRtVersionError(RuntimeError):
+    """The installed TensorRT cannot build the requested engine correctly; the message says what to install."""
+
+
+# --- batch profile ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchProfile:
+    """The optimization profile's range of the batch axis (shared by `images` and `orig_target_sizes`)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        for field_name in ("min", "opt", "max"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"batch profile {field_name} must be a positive integer, got {value!r}")
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"batch profile must satisfy MIN <= OPT <= MAX, got {self.min}:{self.opt}:{self.max}")
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": int(self.min), "opt": int(self.opt), "max": int(self.max)}
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+DEFAULT_DYNAMIC_BATCH = BatchProfile(1, 1, 8)
+
+
+def parse_batch_range(text: str | Sequence[int] | BatchProfile) -> BatchProfile:
+    """'MIN:OPT:MAX' (e.g. '1:4:8'), a single 'N' (fixed), a 3-sequence or a BatchProfile -> BatchProfile."""
+    if isinstance(text, BatchProfile):
+        return text
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(":")]
+        if len(parts) == 1:
+            parts = parts * 3
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"dynamic batch must be MIN:OPT:MAX with positive integers (e.g. 1:4:8) or one "
+                             f"integer, got {text!r}")
+        values = [int(p) for p in parts]
+    else:
+        values = list(text)
+        if len(values) != 3:
+            raise ValueError(f"dynamic batch must have 3 values (min, opt, max), got {text!r}")
+    return BatchProfile(*values)
+
+
+parse_dynamic_batch = parse_batch_range  # the name deimv2-export's --dynamic-batch uses
+
+
+def resolve_batch_profile(batch: int | None = None, dynamic_batch: str | Sequence[int] | BatchProfile | None = None,
+                          onnx_batch: int | None = None) -> BatchProfile:
+    """The batch range of the engine from the user's options and the ONNX graph's batch axis (None: dynamic)."""
+    if batch is not None and dynamic_batch is not None:
+        raise ValueError(f"pass either batch (fixed, got {batch}) or dynamic_batch (a range, got {dynamic_batch!r}), "
+                         "not both")
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        profile = BatchProfile(batch, batch, batch)
+    elif dynamic_batch is not None:
+        profile = parse_batch_range(dynamic_batch)
+    else:
+        profile = BatchProfile(onnx_batch, onnx_batch, onnx_batch) if onnx_batch else DEFAULT_DYNAMIC_BATCH
+    if onnx_batch is not None and not (profile.fixed and profile.min == onnx_batch):
+        raise ValueError(f"the ONNX graph has a fixed batch of {onnx_batch}, so the engine can only take "
+                         f"{onnx_batch} images, not {profile}; export a dynamic-batch ONNX (no --batch) for a range")
+    return profile
+
+
+def profile_shapes(input_size: tuple[int, int], profile: BatchProfile
+                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shapes of both inputs: the same batch range for `images` and `orig_target_sizes`."""
+    h, w = input_size
+    return {
+        "images": tuple((n, 3, h, w) for n in (profile.min, profile.opt, profile.max)),
+        "orig_target_sizes": tuple((n, 2) for n in (profile.min, profile.opt, profile.max)),
+    }
+
+
+# --- versions ---------------------------------------------------------------------------------------------
+def check_tensorrt_version(version: str, precision: str, force: bool = False) -> list[str]:
+    """Warnings for building `precision` with TensorRT `version`; TensorRtVersionError where it would be wrong."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    v = parse_version(version)
+    if v < MIN_TENSORRT:
+        raise TensorRtVersionError(f"TensorRT {version} is too old: deimv2-deploy needs TensorRT >= "
+                                   f"{'.'.join(map(str, MIN_TENSORRT))} (>= 10.6 for FP16). Install: {INSTALL_HINT}")
+    if v[0] >= 11 and precision != "fp32":
+        raise TensorRtVersionError(f"TensorRT {version} has no weakly typed {precision.upper()} builds (TensorRT 11 "
+                                   "removed BuilderFlag.FP16/INT8 and the INT8 calibrators this exporter uses): "
+                                   "install pip install 'tensorrt>=10.6,<11' for fp16/int8 engines, or build fp32")
+    warnings = []
+    if precision == "fp16" and v < FP16_SAFE_TENSORRT:
+        message = f"TensorRT {version} has a known FP16 bug for DEIMv2 ({FP16_BUG})"
+        if not force:
+            raise TensorRtVersionError(f"{message}. Upgrade with pip install 'tensorrt>=10.6,<11', or build fp32, or "
+                                       "pass force=True (--force) to build anyway and read the parity report "
+                                       "(fp32_attention=True is the workaround reported in #112)")
+        warnings.append(f"{message}; building anyway because force=True: check the parity report")
+    return warnings
+
+
+# --- calibration ------------------------------------------------------------------------------------------
+def select_calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int) -> list[Path]:
+    """Up to `count` image files from a folder / file / list, spread evenly over the sorted list (deterministic)."""
+    if count < 1:
+        raise ValueError(f"calibration_size must be at least 1, got {count}")
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    paths = sorted(set(expand_image_paths(items)))
+    if not paths:
+        raise FileNotFoundError(f"no calibration images found in {source}")
+    if len(paths) <= count:
+        return paths
+    return [paths[(i * len(paths)) // count] for i in range(count)]
+
+
+def calibration_batch_size(profile: BatchProfile) -> int:
+    """Calibration batch: up to MAX_CALIBRATION_BATCH images, inside the engine's batch range."""
+    return max(profile.min, min(profile.max, MAX_CALIBRATION_BATCH))
+
+
+class CalibrationBatches:
+    """Calibration inputs, preprocessed exactly as at inference (`Preprocessor(spec)`), `batch_size` images each.
+
+    Every batch is full: a partial last batch is DROPPED (TensorRT's calibrator needs a fixed batch size, and
+    padding would count the padding images twice in the activation histograms). `dropped` says how many.
+    Images are read lazily, one batch at a time; iterating again starts over.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], spec: ArtifactSpec, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"calibration batch size must be at least 1, got {batch_size}")
+        self.paths = [Path(p) for p in paths]
+        if len(self.paths) < batch_size:
+            raise ValueError(f"INT8 calibration needs at least {batch_size} images (one batch), got "
+                             f"{len(self.paths)}; add images or lower the batch range")
+        self.spec = spec
+        self.batch_size = int(batch_size)
+        self.preprocessor = Preprocessor(spec)
+
+    def __len__(self) -> int:
+        return len(self.paths) // self.batch_size
+
+    @property
+    def used(self) -> int:
+        return len(self) * self.batch_size
+
+    @property
+    def dropped(self) -> int:
+        return len(self.paths) - self.used
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.used, self.batch_size):
+            images = [read_image(p) for p in self.paths[start:start + self.batch_size]]
+            yield self.preprocessor(images).as_inputs()  # images float32 (B,3,H,W), orig_target_sizes int64 (B,2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"images": len(self.paths), "used": self.used, "dropped_last_partial_batch": self.dropped,
+                "batch_size": self.batch_size, "batches": len(self), "resize": self.preprocessor.resize}
+
+
+def calibration_fingerprint(paths: Sequence[str | os.PathLike], spec: ArtifactSpec, batch_size: int,
+                            onnx_digest: str) -> str:
+    """Hex digest of what a calibration cache depends on: the network, the images and their preprocessing."""
+    h = hashlib.sha256()
+    h.update(f"{onnx_digest}|{spec.input_size}|{spec.mean}|{spec.std}|{spec.resize}|{batch_size}".encode())
+    for p in paths:
+        p = Path(p)
+        h.update(f"|{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+# --- mixed precision --------------------------------------------------------------------------------------
+def select_fp32_layers(layers: Iterable[tuple[str, str]], pattern: str = ATTENTION_NAME_PATTERN,
+                       types: Iterable[str] = ATTENTION_LAYER_TYPES) -> list[int]:
+    """Indices of the (name, type) layers to pin to FP32: type in `types` ('MATRIX_MULTIPLY' or
+    'LayerType.MATRIX_MULTIPLY') and name matching `pattern` (re.search)."""
+    regex = re.compile(pattern)
+    wanted = {str(t).split(".")[-1].upper() for t in types}
+    return [i for i, (name, kind) in enumerate(layers)
+            if str(kind).split(".")[-1].upper() in wanted and regex.search(str(name))]
+
+
+# --- metadata ---------------------------------------------------------------------------------------------
+def build_settings(*, precision: str, profile: BatchProfile, workspace_gb: float, tensorrt: str, device: str,
+                   compute_capability: tuple[int, int] | None = None, fp32_attention: bool = False,
+                   fp32_layers: Sequence[str] = (), tf32: bool = False, calibration: dict[str, Any] | None = None,
+                   timing_cache: str | None = None, onnx: dict[str, Any] | None = None, forced: bool = False,
+                   warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """The sidecar's `build` section: how the engine was made (JSON-serialisable)."""
+    return {
+        "precision": precision,
+        "batch_profile": profile.to_dict(),
+        "workspace_gb": float(workspace_gb),
+        "tensorrt": str(tensorrt),
+        "device": str(device),
+        "compute_capability": None if compute_capability is None else ".".join(map(str, compute_capability)),
+        "fp32_attention": bool(fp32_attention),
+        "fp32_layers": list(fp32_layers),
+        "tf32": bool(tf32),
+        "calibration": calibration,
+        "timing_cache": timing_cache,
+        "onnx": onnx,
+        "forced": bool(forced),
+        "warnings": list(warnings),
+    }
+
+
+def engine_spec(onnx_spec: ArtifactSpec, precision: str, profile: BatchProfile, build: dict[str, Any],
+                parity: dict[str, Any] | None, versions: dict[str, str]) -> ArtifactSpec:
+    """The engine's spec: the ONNX artifact's identity and preprocessing, this build's precision/batch/settings."""
+    return onnx_spec.with_(precision=precision, batch=profile.min if profile.fixed else None, exporter=EXPORTER,
+                           parity=parity, build=build, versions={**onnx_spec.versions, **versions})
+
+
+def parity_tolerances(precision: str) -> dict[str, float]:
+    """match_detections tolerances of an engine against ONNX Runtime (CPU) on the same ONNX.
+
+    FP32 (TF32 off) differs from the CPU only by kernel summation order; FP16 moves boxes by pixels; INT8 is
+    reported, not judged, so its tolerances only say how close the matched detections are."""
+    if precision == "fp32":
+        return {"box_tol": 0.5, "score_tol": 2e-3, "min_matched": 0.95}
+    if precision == "fp16":
+        return {"box_tol": 4.0, "score_tol": 5e-2, "min_matched": 0.8}
+    return {"box_tol": 16.0, "score_tol": 0.1, "min_matched": 0.5}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _onnx_spec(path: Path, variant: str) -> tuple[ArtifactSpec, bool]:
+    """(spec from the ONNX metadata or the official preprocessing of `variant`, whether metadata was there)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    spec = ArtifactSpec.from_metadata({p.key: p.value for p in model.metadata_props})
+    if spec is None:
+        return ArtifactSpec.for_official_export(variant), False
+    if spec.variant != get_variant_info(variant).name:
+        raise ValueError(f"{path} is DEIMv2-{spec.variant} (from its metadata), not {variant!r}")
+    return spec, True
+
+
+# --- the library calls ------------------------------------------------------------------------------------
+def _entropy_calibrator(trt: Any, cuda: Any, batches: CalibrationBatches, cache_path: Path) -> Any:
+    """An IInt8EntropyCalibrator2 feeding `batches` through device buffers; caches its table at `cache_path`."""
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)  # pybind11 needs the base constructor called explicitly
+            self._batches = iter(batches)
+            self._device: dict[str, Any] = {}
+            self.batches_given = 0
+
+        def get_batch_size(self) -> int:
+            return batches.batch_size
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            inputs = next(self._batches, None)
+            if inputs is None:
+                return None  # no more data: calibration ends
+            pointers = []
+            for name in names:
+                array = np.ascontiguousarray(inputs[name])
+                if name not in self._device:
+                    self._device[name] = cuda.mem_alloc(array.nbytes)
+                cuda.memcpy_htod(self._device[name], array)
+                pointers.append(int(self._device[name]))
+            self.batches_given += 1
+            return pointers
+
+        def read_calibration_cache(self) -> bytes | None:
+            return cache_path.read_bytes() if cache_path.is_file() else None
+
+        def write_calibration_cache(self, cache: Any) -> None:
+            with atomic_path(cache_path) as tmp:
+                tmp.write_bytes(bytes(cache))
+                usual_permissions(tmp)
+
+        def free(self) -> None:
+            for allocation in self._device.values():
+                allocation.free()
+            self._device.clear()
+
+    return EntropyCalibrator()
+
+
+def _engine_parity(engine_path: Path, onnx_path: Path, spec: ArtifactSpec, precision: str, profile: BatchProfile,
+                   device_index: int) -> dict[str, Any]:
+    """Run the fresh engine and ONNX Runtime (CPU) on the fixed parity images; match detections order-free."""
+    from deimv2_deploy.exporters.onnx_export import run_onnx
+    from deimv2_deploy.exporters.parity import match_detections, parity_batch
+    from deimv2_deploy.runtimes.tensorrt_backend import TensorRtRuntime
+
+    count = min(max(2, profile.min), profile.max)
+    batch = parity_batch(spec, count=count)
+    reference = run_onnx(onnx_path)(batch.as_inputs())
+    runtime = TensorRtRuntime(engine_path, device=f"cuda:{device_index}", variant=spec.variant)
+    try:
+        ours = runtime.infer(batch.as_inputs())
+    finally:
+        runtime.close()
+    report = match_detections(ours, reference, **parity_tolerances(precision))
+    report["against"] = "ONNX Runtime (CPU, FP32) on the source ONNX"
+    report["judged"] = precision != "int8"
+    return report
+
+
+def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | os.PathLike | None = None,
+                    random_weights: bool = False, output_dir: str | os.PathLike | None = None,
+                    calibration: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                    calibration_size: int = 300, batch: int | None = None,
+                    dynamic_batch: str | Sequence[int] | BatchProfile | None = None, workspace_gb: float = 4.0,
+                    timing_cache: str | os.PathLike | None = None, fp32_attention: bool = False, force: bool = False,
+                    onnx_path: str | os.PathLike | None = None, device: str = "cuda", check_parity: bool = True,
+                    verbose: bool = False, quiet: bool = False) -> ExportResult:
+    """Build a TensorRT engine of DEIMv2-`variant` in the model store, with its sidecar `<name>.engine.json`.
+
+    The ONNX comes from `onnx_path`, or is exported first (`checkpoint` / `random_weights`). `batch` fixes the
+    batch; `dynamic_batch` ("MIN:OPT:MAX" or a 3-tuple) sets the profile range (default 1:1:8). INT8 needs
+    `calibration` (a folder or list of representative images; `calibration_size` of them are used).
+    `fp32_attention` keeps the ViT attention MatMul/Softmax layers (s/m/l/x) in FP32 in FP16/INT8 engines.
+    An FP32 engine that disagrees with ONNX Runtime raises ParityError and nothing is written; FP16/INT8
+    parity is recorded in the sidecar.
+    """
+    from deimv2_deploy.exporters.onnx_export import export_onnx
+    from deimv2_deploy.exporters.parity import ParityError
+    from deimv2_deploy.runtimes.base import BackendUnavailableError
+    from deimv2_deploy.runtimes.tensorrt_backend import TensorRtRuntime, cuda_context, import_pycuda, import_tensorrt
+
+    info = get_variant_info(variant)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if workspace_gb <= 0:
+        raise ValueError(f"workspace_gb must be positive, got {workspace_gb}")
+    if fp32_attention and precision == "fp32":
+        raise ValueError("fp32_attention only matters for fp16/int8 engines (an fp32 engine is all FP32)")
+    if fp32_attention and info.family != "dinov3":
+        raise ValueError(f"fp32_attention keeps the ViT attention in FP32; DEIMv2-{info.name} has an HGNetv2 "
+                         "backbone without one (sizes s, m, l, x have it)")
+    if onnx_path is not None and (checkpoint is not None or random_weights):
+        raise ValueError("pass either onnx_path (an ONNX to build from) or checkpoint/random_weights, not both")
+    if precision == "int8" and calibration is None:
+        raise ValueError("INT8 needs calibration images: pass calibration=<folder of representative images, e.g. "
+                         "COCO val2017> (--calibration); 300 images are used by default")
+    device_index = parse_cuda_device(device)
+    profile = resolve_batch_profile(batch, dynamic_batch)  # validated now; the ONNX's batch axis is checked later
+    calibration_paths = select_calibration_images(calibration, calibration_size) if precision == "int8" else None
+    reason = TensorRtRuntime.unavailable_reason()  # what is missing (TensorRT, pycuda, a GPU) and how to install
+    if reason:
+        raise BackendUnavailableError(reason)
+    trt = import_tensorrt()
+    cuda = import_pycuda()
+    cautions = check_tensorrt_version(trt.__version__, precision, force)
+    for caution in cautions:
+        warnings.warn(caution, stacklevel=2)
+
+    store = resolve_store(output_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    steps = Steps(f"tensorrt {info.name} {precision}", 5, quiet)
+
+    # 1. the ONNX
+    if onnx_path is None:
+        steps("exporting the ONNX to build from")
+        result = export_onnx(info.name, checkpoint=checkpoint, random_weights=random_weights, output_dir=store,
+                             batch=profile.min if profile.fixed else None, quiet=quiet)
+        onnx_file, onnx_spec, has_metadata = result.path, result.spec, True
+    else:
+        onnx_file = Path(onnx_path)
+        if not onnx_file.is_file():
+            raise FileNotFoundError(f"ONNX file not found: {onnx_file}")
+        steps(f"using {onnx_file}")
+        onnx_spec, has_metadata = _onnx_spec(onnx_file, info.name)
+    onnx_digest = _file_sha256(onnx_file)
+
+    final = store / artifact_name(info.name, precision, onnx_spec.random_weights, None, ".engine")
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    with cuda_context(cuda, device_index):
+        gpu = cuda.Device(device_index)
+        gpu_name, capability = gpu.name(), tuple(gpu.compute_capability())
+
+        # 2. parse
+        steps(f"parsing {onnx_file.name} with TensorRT {trt.__version__}")
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_file)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_file}: {errors}")
+        inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+        if sorted(inputs) != sorted(INPUT_NAMES):
+            raise ValueError(f"{onnx_file} has inputs {list(inputs)}, expected {list(INPUT_NAMES)} (a DEIMv2 deploy "
+                             "graph from deimv2-export or the official exporter)")
+        if tuple(inputs["images"][2:]) != onnx_spec.input_size:
+            raise ValueError(f"{onnx_file} takes {inputs['images'][2:]} images but DEIMv2-{info.name} is "
+                             f"{onnx_spec.input_size}")
+        onnx_batch = inputs["images"][0] if inputs["images"][0] > 0 else None
+        profile = resolve_batch_profile(batch, dynamic_batch, onnx_batch)
+        if profile.fixed:
+            final = final.with_name(artifact_name(info.name, precision, onnx_spec.random_weights, profile.min,
+                                                  ".engine"))
+
+        # 3. configure
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        shapes = profile_shapes(onnx_spec.input_size, profile)
+        optimization = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            optimization.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(optimization)
+        tf32 = precision != "fp32" and not fp32_attention
+        if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+        if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        fp32_layers: list[str] = []
+        if fp32_attention:
+            layers = [network.get_layer(i) for i in range(network.num_layers)]
+            chosen = select_fp32_layers((layer.name, layer.type.name) for layer in layers)
+            if not chosen:
+                raise RuntimeError(f"fp32_attention found no ViT attention layers matching {ATTENTION_NAME_PATTERN!r} "
+                                   f"in {onnx_file} (first layers: {[layer.name for layer in layers[:5]]}); "
+                                   "was it exported by deimv2-export?")
+            for i in chosen:
+                layer = layers[i]
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+                fp32_layers.append(layer.name)
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        if timing_cache is not None:
+            timing_cache = Path(timing_cache)
+            cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+            if not config.set_timing_cache(cache, False):  # from another GPU/TensorRT: start afresh
+                cache = config.create_timing_cache(b"")
+                config.set_timing_cache(cache, False)
+                cautions.append(f"{timing_cache} did not match this GPU/TensorRT and was replaced")
+        calibrator = None
+        calibration_info = None
+        if precision == "int8":
+            batches = CalibrationBatches(calibration_paths, onnx_spec, calibration_batch_size(profile))
+            fingerprint = calibration_fingerprint(calibration_paths, onnx_spec, batches.batch_size, onnx_digest)
+            cache_path = store / f"{final.stem}.calib-{fingerprint[:12]}.cache"
+            calibration_info = {**batches.describe(), "cache": cache_path.name,
+                                "cache_reused": cache_path.is_file(), "algorithm": "entropy v2"}
+            config.set_flag(trt.BuilderFlag.INT8)
+            calibration_profile = builder.create_optimization_profile()
+            for name, (lo, _, _) in profile_shapes(onnx_spec.input_size, BatchProfile(*(batches.batch_size,) * 3)
+                                                   ).items():
+                calibration_profile.set_shape(name, lo, lo, lo)
+            config.set_calibration_profile(calibration_profile)
+            calibrator = _entropy_calibrator(trt, cuda, batches, cache_path)
+            config.int8_calibrator = calibrator
+
+        # 4. build
+        what = f"batch {profile}, workspace {workspace_gb:g} GB" + (", ViT attention FP32" if fp32_attention else "")
+        if calibration_info is not None and not calibration_info["cache_reused"]:
+            what += f", calibrating on {batches.used} images"
+        steps(f"building the {precision.upper()} engine on {gpu_name} ({what}); this takes minutes")
+        try:
+            serialized = builder.build_serialized_network(network, config)
+        finally:
+            if calibrator is not None:
+                calibrator.free()
+        if serialized is None:
+            raise RuntimeError(f"TensorRT could not build the {precision} engine for {onnx_file} (see the TensorRT "
+                               "log above; rerun with verbose=True / --verbose for details)")
+        if timing_cache is not None:
+            with atomic_path(timing_cache) as tmp:
+                tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+                usual_permissions(tmp)
+
+        # 5. parity of the engine, from a temporary file beside the final one
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial.engine", dir=store)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(memoryview(serialized))
+            usual_permissions(tmp)
+            del serialized
+            parity = None
+            if check_parity:
+                steps("checking the engine against ONNX Runtime on the same ONNX")
+                parity = _engine_parity(tmp, onnx_file, onnx_spec, precision, profile, device_index)
+                if precision == "fp32" and not parity["ok"]:
+                    raise ParityError(f"the FP32 TensorRT engine of DEIMv2-{info.name} disagrees with ONNX Runtime: "
+                                      f"{parity['matched']}/{parity['total']} detections matched, max box diff "
+                                      f"{parity['max_box_diff']:.3g} px; nothing was written. Pass check_parity=False "
+                                      "to keep such an engine anyway, and please report this")
+            else:
+                steps("parity check skipped")
+            build = build_settings(
+                precision=precision, profile=profile, workspace_gb=workspace_gb, tensorrt=trt.__version__,
+                device=gpu_name, compute_capability=capability, fp32_attention=fp32_attention,
+                fp32_layers=fp32_layers, tf32=tf32, calibration=calibration_info,
+                timing_cache=None if timing_cache is None else str(timing_cache),
+                onnx={"file": onnx_file.name, "sha256": onnx_digest, "metadata": has_metadata}, forced=force,
+                warnings=cautions)
+            spec = engine_spec(onnx_spec, precision, profile, build, parity, library_versions("tensorrt"))
+            steps(f"writing {final} and {sidecar_path(final).name}")
+            sidecar_path(final).unlink(missing_ok=True)  # never leave an old sidecar describing the new engine
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    write_sidecar(final, spec)
+    if parity is not None and not quiet:
+        verdict = "ok" if parity["ok"] else ("MISMATCH" if parity["judged"] else "reported")
+        print(f"parity vs ONNX Runtime: {verdict}: {parity['matched']}/{parity['total']} detections matched, "
+              f"max box diff {parity['max_box_diff']:.3g} px, max score diff {parity['max_score_diff']:.3g}",
+              flush=True)
+    return ExportResult(final, spec, parity or {}, steps.elapsed)
