@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,12 @@ def load_golden_module(name: str):
     path = golden_dir() / f"{name}.py"
     if not path.exists():
         pytest.skip(f"golden cases not found at {golden_dir()} (set DEIMV2_GOLDEN)")
-    spec = importlib.util.spec_from_file_location(f"deimv2_golden_{name}", path)
+    module_name = f"deimv2_golden_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses in compare.py look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
