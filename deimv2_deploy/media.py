@@ -9,7 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "read_image", "write_image", "expand_image_paths", "atomic_path"]
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "read_image", "write_image", "expand_image_paths", "atomic_path",
+           "publish"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -31,6 +32,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
+def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename a finished temporary file onto its final name, with the permissions a new file would get
+    (mkstemp creates 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, final)
+    return Path(final)
+
+
 class atomic_path:
     """Context manager giving a temporary path beside `final`; renamed onto `final` only on success."""
 
@@ -47,7 +58,7 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None and self.tmp.exists() and self.tmp.stat().st_size > 0:
-            os.replace(self.tmp, self.final)
+            publish(self.tmp, self.final)
         else:
             self.tmp.unlink(missing_ok=True)
             if exc_type is None:

@@ -23,6 +23,7 @@ from deimv2_deploy.exporters.common import (
     resolve_store,
 )
 from deimv2_deploy.exporters.parity import ParityError, compare_graph_outputs, parity_batch, reference_outputs
+from deimv2_deploy.media import publish
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
 from deimv2_deploy.spec import ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
@@ -160,7 +161,7 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
                           build={"opset": opset, "simplified": simplified})
         steps(f"writing {final}")
         write_onnx_with_spec(tmp, tmp, spec)
-        os.replace(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     if not quiet:

@@ -1,0 +1,157 @@
+"""`make demo`: the whole toolkit on this machine, from a fresh clone, in a few minutes.
+
+1. the reference model of all eight sizes on the example photo (parameters, output shapes, time);
+2. `deimv2-export` of atto and s (the official checkpoint from the model store when present, else
+   deterministic random weights, said loudly) with the parity report;
+3. `deimv2-infer` on the example photo (annotated image written to out/demo/);
+4. the video pipeline on a generated clip, with its summary;
+5. a short CPU-tier benchmark of atto on every available backend.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def _example_image(shared: Path, out_dir: Path) -> Path:
+    photo = shared / "media" / "example.jpg"
+    if photo.exists():
+        return photo
+    from deimv2_deploy.exporters.parity import parity_images
+    from deimv2_deploy.media import write_image
+
+    print(f"(no {photo}: using a generated scene instead)")
+    return write_image(out_dir / "generated_scene.jpg", parity_images(1)[0])
+
+
+def model_table(image_path: Path) -> None:
+    import torch
+
+    from deimv2_deploy.media import read_image
+    from deimv2_deploy.models import build_model
+    from deimv2_deploy.models.graph import DeployGraph
+    from deimv2_deploy.models.random_weights import apply_deterministic_weights
+    from deimv2_deploy.preprocess import Preprocessor
+    from deimv2_deploy.spec import ArtifactSpec
+    from deimv2_deploy.variants import VARIANT_NAMES, get_variant_info
+
+    image = read_image(image_path)
+    rows = []
+    for name in VARIANT_NAMES:
+        info = get_variant_info(name)
+        model = apply_deterministic_weights(build_model(name))
+        train_params = sum(p.numel() for p in model.parameters())
+        model.deploy()
+        deploy_params = sum(p.numel() for p in model.parameters())
+        batch = Preprocessor(ArtifactSpec.for_variant(name))(image)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            raw = model(torch.from_numpy(batch.images))
+            labels, boxes, scores = DeployGraph(model).postprocessor(raw, torch.from_numpy(batch.orig_target_sizes))
+        ms = 1e3 * (time.perf_counter() - t)
+        rows.append((name, f"{info.input_size[0]}x{info.input_size[1]}", "ImageNet" if info.normalize else "none",
+                     f"{train_params / 1e6:.2f}M", f"{deploy_params / 1e6:.2f}M ({info.published_params_m}M)",
+                     str(tuple(raw["pred_logits"].shape)), str(tuple(raw["pred_boxes"].shape)),
+                     str(tuple(boxes.shape)), f"{ms:.0f}"))
+        del model
+    head = ("size", "input", "normalise", "params", "deploy params (published)", "pred_logits", "pred_boxes",
+            "boxes", "ms (1st run)")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def export_and_infer(sizes: list[str], store: Path, image_path: Path, out_dir: Path) -> dict[str, Path]:
+    from deimv2_deploy.cli.infer import main as infer_main
+    from deimv2_deploy.exporters.onnx_export import export_onnx
+    from deimv2_deploy.models.checkpoint import find_checkpoint
+
+    artifacts = {}
+    for size in sizes:
+        try:
+            checkpoint = find_checkpoint(size, store)
+            print(f"DEIMv2-{size}: official checkpoint {checkpoint}")
+            result = export_onnx(size, checkpoint=checkpoint, output_dir=store)
+        except FileNotFoundError:
+            print(f"DEIMv2-{size}: NO official checkpoint in {store.resolve()} -> DETERMINISTIC RANDOM WEIGHTS "
+                  "(the plumbing is real, the detections are meaningless)")
+            result = export_onnx(size, random_weights=True, output_dir=store)
+        print(f"  wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.0f} s")
+        artifacts[size] = result.path
+        target = out_dir / size
+        print(f"  $ deimv2-infer {result.path} {image_path} --output-dir {target} --json")
+        code = infer_main([str(result.path), str(image_path), "--output-dir", str(target), "--json"])
+        if code != 0:
+            raise RuntimeError(f"deimv2-infer failed for {size}")
+        print(f"  annotated image: {target / (image_path.stem + '.jpg')}")
+    return artifacts
+
+
+def video_demo(artifact: Path, out_dir: Path) -> None:
+    from deimv2_deploy.runtimes import load_runtime
+    from deimv2_deploy.video import run_video, write_synthetic_video
+
+    clip = write_synthetic_video(out_dir / "clip.mp4", frames=120, size=(854, 480), fps=25)
+    print(f"generated {clip} (120 frames, 854x480, 25 fps)")
+    runtime = load_runtime(artifact, threads=2)
+    summary = run_video(runtime, clip, output=out_dir / "clip_annotated.mp4", json_path=out_dir / "clip.jsonl",
+                        score_threshold=0.4, progress=True)
+    print(summary.table() if hasattr(summary, "table") else summary)
+    print(f"annotated video: {out_dir / 'clip_annotated.mp4'}; detections: {out_dir / 'clip.jsonl'}")
+
+
+def bench_demo(store: Path) -> None:
+    from deimv2_deploy.cli.bench import main as bench_main
+
+    args = ["--sizes", "atto", "--backends", "all", "--threads", "2", "--iters", "30", "--warmup", "5",
+            "--random-weights", "--checkpoint-dir", str(store)]
+    print("$ deimv2-bench " + " ".join(args))
+    bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deimv2-demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"),
+                   help="the shared folder with media/example.jpg (default: ../shared)")
+    p.add_argument("--store", default=None, help="model store (default: $DEIMV2_MODELS or ./models)")
+    p.add_argument("--out", default="out/demo", help="where images, video and reports go")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: table,export,video,bench")
+    args = p.parse_args(argv)
+    from deimv2_deploy.exporters.common import resolve_store
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    store, out_dir = resolve_store(args.store), Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    np.set_printoptions(precision=3, suppress=True)
+    image_path = _example_image(Path(args.shared), out_dir)
+    if "table" not in skip:
+        _banner("1. the reference model, all eight sizes (deterministic weights), on " + image_path.name)
+        model_table(image_path)
+    artifacts = {}
+    if "export" not in skip:
+        _banner("2-3. deimv2-export atto and s, then deimv2-infer on the photo")
+        artifacts = export_and_infer(["atto", "s"], store, image_path, out_dir)
+    if "video" not in skip and "atto" in artifacts:
+        _banner("4. video pipeline (decode -> infer -> draw -> encode) on a generated clip")
+        video_demo(artifacts["atto"], out_dir)
+    if "bench" not in skip:
+        _banner("5. CPU tier, atto, every available backend (2 threads, batch 1)")
+        bench_demo(store)
+    print(f"\ndemo done in {time.perf_counter() - t0:.0f} s; outputs in {out_dir.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
