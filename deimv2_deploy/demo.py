@@ -68,7 +68,7 @@ def model_table(image_path: Path) -> None:
             "boxes", "ms (1st run)")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
 def export_and_infer(sizes: list[str], store: Path, image_path: Path, out_dir: Path) -> dict[str, Path]:

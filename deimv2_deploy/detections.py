@@ -24,8 +24,8 @@ class Detections:
     image_size: tuple[int, int] | None = None  # (height, width) of the image the boxes refer to
 
     def __post_init__(self) -> None:
-        xyxy = np.ascontiguousarray(np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4) if np.size(self.xyxy) == 0
-                                    else np.asarray(self.xyxy, dtype=np.float32))
+        xyxy = np.asarray(self.xyxy, dtype=np.float32)
+        xyxy = np.ascontiguousarray(xyxy.reshape(-1, 4) if xyxy.size == 0 else xyxy)
         scores = np.ascontiguousarray(np.asarray(self.scores, dtype=np.float32).reshape(-1))
         labels_in = np.asarray(self.labels)
         if labels_in.size and not np.issubdtype(labels_in.dtype, np.integer):
@@ -58,7 +58,8 @@ class Detections:
 
     @classmethod
     def empty(cls, class_names: Sequence[str] = COCO_CLASSES, image_size: tuple[int, int] | None = None) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), class_names, image_size)
+        zeros = np.zeros
+        return cls(zeros((0, 4), np.float32), zeros(0, np.float32), zeros(0, np.int64), class_names, image_size)
 
     @property
     def names(self) -> list[str]:
@@ -87,7 +88,7 @@ class Detections:
             "detections": [
                 {"box": [round(float(v), 3) for v in box], "score": round(float(s), 6), "label": int(lab),
                  "class_name": self.class_names[int(lab)]}
-                for box, s, lab in zip(self.xyxy, self.scores, self.labels)
+                for box, s, lab in zip(self.xyxy, self.scores, self.labels, strict=True)
             ],
         }
 
@@ -97,7 +98,7 @@ class Detections:
     def to_coco(self, image_id: int, category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """COCO results format ([x, y, w, h]); `category_ids` maps labels to dataset ids (COCO's 1..90 if given)."""
         out = []
-        for (x1, y1, x2, y2), s, lab in zip(self.xyxy, self.scores, self.labels):
+        for (x1, y1, x2, y2), s, lab in zip(self.xyxy, self.scores, self.labels, strict=True):
             cat = int(category_ids[lab]) if category_ids is not None else int(lab)
             out.append({"image_id": image_id, "category_id": cat, "score": float(s),
                         "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})

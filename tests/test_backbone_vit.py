@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from deimv2_deploy.models.dinov3 import DINOv3ViT, MaskedKBiasLinear, RopeEmbedding
-from deimv2_deploy.models.sta import VIT_STA_CONFIGS, ViTSTABackbone, build_vit_sta_backbone
+from deimv2_deploy.models.sta import ViTSTABackbone
+from deimv2_deploy.models.zoo import VARIANTS
+
+
+def build_vit_sta_backbone(variant: str) -> ViTSTABackbone:
+    """The backbone of a ViT size, with its settings from the zoo (the one table of sizes)."""
+    return ViTSTABackbone(VARIANTS[variant].backbone)
 
 VIT_VARIANTS = ("s", "m", "l", "x")
 
@@ -68,7 +74,7 @@ def test_state_dict_matches_manifest(variant):
 
 
 def test_k_bias_mask_and_layer_layout():
-    assert VIT_STA_CONFIGS["l"].return_layers == (5, 8, 11) and VIT_STA_CONFIGS["s"].return_layers == (3, 7, 11)
+    assert VARIANTS["l"].backbone.return_layers == (5, 8, 11) and VARIANTS["s"].backbone.return_layers == (3, 7, 11)
     vit = DINOv3ViT(embed_dim=64, num_heads=2, depth=2, return_layers=(0, 1))
     qkv = vit.blocks[0].attn.qkv
     assert isinstance(qkv, MaskedKBiasLinear)
@@ -144,7 +150,7 @@ def test_non_square_input_and_batch_vit_tiny():
 def test_small_non_square_batch(variant):
     torch.manual_seed(0)
     backbone = build_vit_sta_backbone(variant).eval()
-    hidden = VIT_STA_CONFIGS[variant].hidden_dim
+    hidden = VARIANTS[variant].backbone.hidden_dim
     with torch.no_grad():
         outs = backbone(torch.randn(2, 3, 64, 96))
     assert [tuple(o.shape) for o in outs] == [(2, hidden, 8, 12), (2, hidden, 4, 6), (2, hidden, 2, 3)]
@@ -152,8 +158,6 @@ def test_small_non_square_batch(variant):
 
 
 def test_rejects_sides_not_multiple_of_32():
-    backbone = ViTSTABackbone(VIT_STA_CONFIGS["s"]).eval()
+    backbone = ViTSTABackbone(VARIANTS["s"].backbone).eval()
     with pytest.raises(ValueError, match="multiples of 32"):
         backbone(torch.randn(1, 3, 64, 80))
-    with pytest.raises(ValueError, match="variant"):
-        build_vit_sta_backbone("n")

@@ -317,12 +317,6 @@ def test_zoo_matches_manifest_facts(variant):
     assert any(".gateway." in k for k in decoder_keys) == cfg.decoder.use_gateway
 
 
-def test_vit_backbone_settings_agree_with_the_backbone_module():
-    sta = pytest.importorskip("deimv2_deploy.models.sta", reason="ViT+STA backbone module not present")
-    for name in ("s", "m", "l", "x"):
-        assert VARIANTS[name].backbone == sta.VIT_STA_CONFIGS[name]
-
-
 def test_get_variant_and_build_model_errors():
     assert get_variant(" Pico ").name == "pico"
     with pytest.raises(ValueError, match="atto, femto, pico, n, s, m, l, x"):

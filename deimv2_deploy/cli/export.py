@@ -11,21 +11,19 @@ from deimv2_deploy.variants import VARIANT_NAMES
 __all__ = ["main", "build_parser"]
 
 
-def _dynamic_batch(text: str) -> str:
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deimv2-export",
         description="Export a DEIMv2 model (deploy mode + postprocessor, official I/O) with its preprocessing "
                     "metadata and a parity report against PyTorch.",
-        epilog="Examples:\n  deimv2-export atto --random-weights\n  deimv2-export s --checkpoint deimv2_dinov3_s_coco.pth\n"
+        epilog="Examples:\n  deimv2-export atto --random-weights\n"
+               "  deimv2-export s --checkpoint deimv2_dinov3_s_coco.pth\n"
                "  deimv2-export s --format openvino --precision int8 --calibration images/\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("size", choices=[*VARIANT_NAMES, "all"], help="model size, or 'all'")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="official .pth/.safetensors or Hugging Face folder (default: the model store)")
+    src.add_argument("--checkpoint",
+                     help="official .pth/.safetensors or Hugging Face folder (default: the model store)")
     src.add_argument("--random-weights", action="store_true",
                      help="deterministic untrained weights, for plumbing and benchmarks (recorded in the metadata)")
     p.add_argument("--format", choices=["onnx", "openvino", "tensorrt"], default="onnx")
@@ -45,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
     p.add_argument("--fp32-attention", action="store_true", help="TensorRT FP16: keep ViT attention in FP32")
     p.add_argument("--force", action="store_true", help="TensorRT: build FP16 even on TensorRT < 10.6")
+    p.add_argument("--onnx", help="TensorRT: build from this ONNX file (ours or the official exporter's)")
+    p.add_argument("--device", default="cuda", help="TensorRT: the GPU to build on (cuda or cuda:N)")
+    p.add_argument("--no-parity", action="store_true",
+                   help="TensorRT: skip the engine-vs-ONNX Runtime parity check after the build")
     p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -72,7 +74,8 @@ def _export_one(args: argparse.Namespace, size: str):
     return export_tensorrt(size, precision=args.precision, calibration=args.calibration,
                            calibration_size=args.calibration_size, batch=args.batch, dynamic_batch=dynamic,
                            workspace_gb=args.workspace, timing_cache=args.timing_cache,
-                           fp32_attention=args.fp32_attention, force=args.force, **common)
+                           fp32_attention=args.fp32_attention, force=args.force, onnx_path=args.onnx,
+                           device=args.device, check_parity=not args.no_parity, quiet=args.quiet, **common)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch is not None and args.batch < 1:
         build_parser().error(f"--batch must be at least 1, got {args.batch}")
     if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt":
-        build_parser().error("--dynamic-batch MIN:OPT:MAX is for --format tensorrt; ONNX/OpenVINO are dynamic by default")
+        build_parser().error("--dynamic-batch MIN:OPT:MAX is for --format tensorrt; "
+                             "ONNX and OpenVINO artifacts are dynamic by default")
 
     def body() -> int:
         sizes = list(VARIANT_NAMES) if args.size == "all" else [args.size]

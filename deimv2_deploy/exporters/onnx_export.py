@@ -87,7 +87,7 @@ def run_onnx(path: Path, threads: int | None = None):
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
     def run(inputs):
-        return dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), inputs)))
+        return dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), inputs), strict=True))
 
     return run
 

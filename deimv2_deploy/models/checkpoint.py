@@ -227,7 +227,7 @@ def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor], variant: 
 
 
 def find_checkpoint(variant: str, store: str | os.PathLike | None = None) -> Path:
-    """The official checkpoint (or HF folder) of `variant` in the model store; FileNotFoundError says where we looked."""
+    """The official checkpoint (or HF folder) of `variant` in the store; the FileNotFoundError says where we looked."""
     from deimv2_deploy.variants import get_variant_info
 
     info = get_variant_info(variant)

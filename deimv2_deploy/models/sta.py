@@ -21,7 +21,7 @@ from torch import nn
 from deimv2_deploy.models.dinov3 import DINOv3ViT
 from deimv2_deploy.models.vit_tiny import ViTTiny
 
-__all__ = ["ViTSTAConfig", "VIT_STA_CONFIGS", "SpatialTuningAdapter", "ViTSTABackbone", "build_vit_sta_backbone"]
+__all__ = ["ViTSTAConfig", "SpatialTuningAdapter", "ViTSTABackbone"]
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,6 @@ class ViTSTAConfig:
     sta_channels: int  # official `conv_inplane`: STA widths are 1x, 2x, 4x, 4x this
     hidden_dim: int  # channels of the three output maps
     depth: int = 12
-
-
-VIT_STA_CONFIGS: dict[str, ViTSTAConfig] = {
-    "s": ViTSTAConfig(vit="vit_tiny", embed_dim=192, num_heads=3, ffn="mlp", ffn_ratio=4.0,
-                      return_layers=(3, 7, 11), sta_channels=16, hidden_dim=192),
-    "m": ViTSTAConfig(vit="vit_tiny", embed_dim=256, num_heads=4, ffn="mlp", ffn_ratio=4.0,
-                      return_layers=(3, 7, 11), sta_channels=16, hidden_dim=256),
-    "l": ViTSTAConfig(vit="dinov3", embed_dim=384, num_heads=6, ffn="mlp", ffn_ratio=4.0,
-                      return_layers=(5, 8, 11), sta_channels=32, hidden_dim=224),
-    "x": ViTSTAConfig(vit="dinov3", embed_dim=384, num_heads=6, ffn="swiglu", ffn_ratio=6.0,
-                      return_layers=(5, 8, 11), sta_channels=64, hidden_dim=256),
-}
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -125,10 +113,3 @@ class ViTSTABackbone(nn.Module):
             fused = torch.cat((sem, det), dim=1)  # (B, D + c_level, H/s, W/s)
             outs.append(norm(conv(fused)))  # (B, hidden_dim, H/s, W/s)
         return outs
-
-
-def build_vit_sta_backbone(variant: str) -> ViTSTABackbone:
-    """The backbone of DEIMv2 `variant` (one of s, m, l, x), randomly initialised."""
-    if variant not in VIT_STA_CONFIGS:
-        raise ValueError(f"no ViT+STA backbone for variant {variant!r}; choose one of {', '.join(VIT_STA_CONFIGS)}")
-    return ViTSTABackbone(VIT_STA_CONFIGS[variant])

@@ -61,14 +61,26 @@ class Runtime(abc.ABC):
 
     # --- per backend --------------------------------------------------------------------------------
     @classmethod
-    @abc.abstractmethod
-    def is_available(cls) -> bool:
-        """True when the backend's library can be imported here."""
+    def import_library(cls) -> Any:
+        """The backend's Python library, imported now; BackendUnavailableError (with an install hint) if missing."""
+        raise NotImplementedError
 
     @classmethod
-    @abc.abstractmethod
+    def is_available(cls) -> bool:
+        """True when the backend's library can be imported here."""
+        try:
+            cls.import_library()
+            return True
+        except BackendUnavailableError:
+            return False
+
+    @classmethod
     def version(cls) -> str | None:
         """The backend library's version, or None when it is not installed."""
+        try:
+            return str(cls.import_library().__version__)
+        except BackendUnavailableError:
+            return None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -84,7 +96,7 @@ class Runtime(abc.ABC):
         return {"backend": self.backend.value, "version": self.version(), "device": self.device,
                 "precision": self.spec.precision, "variant": self.spec.variant}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends have nothing to release
         """Release the backend's resources."""
 
     def __enter__(self) -> Runtime:

@@ -82,27 +82,17 @@ class OnnxRuntime(Runtime):
         super().__init__(spec, device)
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(self.input_names):
-            raise ValueError(f"{self.path} has inputs {names}, expected {list(self.input_names)} (a DEIMv2 deploy graph)")
+            raise ValueError(f"{self.path} has inputs {names}, expected {list(self.input_names)} "
+                             "(a DEIMv2 deploy graph)")
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
     @classmethod
-    def is_available(cls) -> bool:
-        try:
-            _import_ort()
-            return True
-        except BackendUnavailableError:
-            return False
-
-    @classmethod
-    def version(cls) -> str | None:
-        try:
-            return _import_ort().__version__
-        except BackendUnavailableError:
-            return None
+    def import_library(cls):
+        return _import_ort()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": self.session.get_providers(), "threads": self.threads}
 
     def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(list(self.output_names), inputs)
-        return dict(zip(self.output_names, values))
+        return dict(zip(self.output_names, values, strict=True))

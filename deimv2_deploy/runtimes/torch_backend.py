@@ -83,19 +83,8 @@ class TorchRuntime(Runtime):
         return cls(graph=DeployGraph(model), spec=spec, **options)
 
     @classmethod
-    def is_available(cls) -> bool:
-        try:
-            _import_torch()
-            return True
-        except BackendUnavailableError:
-            return False
-
-    @classmethod
-    def version(cls) -> str | None:
-        try:
-            return _import_torch().__version__
-        except BackendUnavailableError:
-            return None
+    def import_library(cls):
+        return _import_torch()
 
     def describe(self) -> dict[str, Any]:
         extra = {"threads": self.threads or self.torch.get_num_threads(), "cuda_graphs": self.cuda_graphs}
