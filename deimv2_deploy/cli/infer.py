@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="image files, folders of images, or one video file")
     p.add_argument("--output-dir", default="out", help="where annotated images (and --json files) go (default: out)")
     p.add_argument("--score", type=float, default=0.4, help="score threshold (default 0.4)")
+    p.add_argument("--max-detections", type=int, default=None, metavar="N",
+                   help="keep at most the N best detections per image/frame")
     p.add_argument("--json", nargs="?", const=True, default=None, metavar="PATH",
                    help="images: write <name>.json beside each annotated image; video: detections as JSON lines "
                         "to PATH")
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one image, folder or video (or --source for a camera/stream)")
     if not 0.0 <= args.score <= 1.0:
         parser.error(f"--score must lie in [0, 1], got {args.score}")
+    if args.max_detections is not None and args.max_detections < 0:
+        parser.error(f"--max-detections must be >= 0, got {args.max_detections}")
 
     def body() -> int:
         from deimv2_deploy.runtimes import load_runtime
@@ -97,6 +101,8 @@ def _run_images(args: argparse.Namespace, runtime) -> int:
             continue
         t = time.perf_counter()
         detections = runtime.predict(image, score_threshold=args.score)
+        if args.max_detections is not None:
+            detections = detections[:args.max_detections]  # predict() returns them best first
         ms = 1e3 * (time.perf_counter() - t)
         names = {}
         for name in detections.names:
