@@ -116,7 +116,7 @@ def run_model_only(runtime, video: Path, frames: int) -> float:
 
 CONFIGS = {
     "ort": ("onnxruntime", {}),
-    "ort-nospin": ("onnxruntime", {}),
+    "ort-nospin": ("onnxruntime", {"spinning": False}),
     "ov-latency": ("openvino", {"mode": "latency"}),
     "ov-throughput": ("openvino", {"mode": "throughput"}),
 }
@@ -124,15 +124,7 @@ CONFIGS = {
 
 def load_config(onnx: Path, config: str, threads: int):
     backend, options = CONFIGS[config]
-    runtime = load_runtime(onnx, backend=backend, threads=threads, **options)
-    if config == "ort-nospin":  # the backend has no option for it (yet): rebuild the session with it
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        runtime.session = ort.InferenceSession(str(onnx), sess_options=so, providers=["CPUExecutionProvider"])
-    return runtime
+    return load_runtime(onnx, backend=backend, threads=threads, **options)
 
 
 def cpu_name() -> str:

@@ -5,7 +5,6 @@ plumbing alone use a tiny fake Runtime whose outputs depend on the frame, so mix
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from collections.abc import Iterator
@@ -55,20 +54,16 @@ def video(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def atto_onnx(tmp_path_factory) -> Path:
-    for module in ("torch", "onnx", "onnxruntime"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"exporting the atto ONNX test model needs {module} (pip install -e '.[export]')")
-    from deimv2_deploy.exporters.onnx_export import export_onnx
-
-    return export_onnx("atto", random_weights=True, output_dir=tmp_path_factory.mktemp("models")).path
+def atto_path(atto_onnx) -> Path:
+    """The session's atto ONNX (random weights), exported once in conftest.py."""
+    return atto_onnx.path
 
 
 @pytest.fixture(scope="module")
-def atto(atto_onnx) -> Iterator[Runtime]:
+def atto(atto_path) -> Iterator[Runtime]:
     from deimv2_deploy.runtimes import load_runtime
 
-    runtime = load_runtime(atto_onnx, backend="onnxruntime", threads=1)
+    runtime = load_runtime(atto_path, backend="onnxruntime", threads=1)
     yield runtime
     runtime.close()
 
@@ -403,11 +398,11 @@ def test_preview_without_a_display_warns_and_still_runs(video, tmp_path):
 
 # --- the command line ----------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_deimv2_infer_runs_a_video_through_the_pipeline(atto_onnx, video, tmp_path, capsys):
+def test_deimv2_infer_runs_a_video_through_the_pipeline(atto_path, video, tmp_path, capsys):
     from deimv2_deploy.cli.infer import main
 
     summary_path = tmp_path / "summary.json"
-    status = main([str(atto_onnx), str(video), "--output-dir", str(tmp_path), "--json", "--max-frames", "12",
+    status = main([str(atto_path), str(video), "--output-dir", str(tmp_path), "--json", "--max-frames", "12",
                    "--batch", "2", "--threads", "1", "--no-progress", "--summary-json", str(summary_path)])
     assert status == 0
     assert read_video(tmp_path / "moving_shapes.mp4")[:3] == (12, WIDTH, HEIGHT)
@@ -416,7 +411,7 @@ def test_deimv2_infer_runs_a_video_through_the_pipeline(atto_onnx, video, tmp_pa
     assert summary["frames"] == 12 and summary["batch"] == 2
     assert "end-to-end" in capsys.readouterr().out
 
-    status = main([str(atto_onnx), str(tmp_path / "missing.mp4"), "--no-progress"])
+    status = main([str(atto_path), str(tmp_path / "missing.mp4"), "--no-progress"])
     assert status == 1
     assert "video not found" in capsys.readouterr().err
 

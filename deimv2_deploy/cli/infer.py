@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from deimv2_deploy.cli import run_cli
-from deimv2_deploy.media import VIDEO_EXTENSIONS, expand_image_paths, read_image, write_image
+from deimv2_deploy.media import expand_image_paths, read_image, write_image
 
 __all__ = ["main", "build_parser"]
 
@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_video(args: argparse.Namespace) -> bool:
+    """A video file, a camera index or a stream URL (one input), or --source."""
     if getattr(args, "source", None) is not None:
         return True
-    return len(args.inputs) == 1 and Path(args.inputs[0]).suffix.lower() in VIDEO_EXTENSIONS
+    from deimv2_deploy.cli.video_cli import looks_like_video
+
+    return len(args.inputs) == 1 and looks_like_video(args.inputs[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from deimv2_deploy.runtimes import load_runtime
 
         options = {"threads": args.threads} if args.threads else {}
+        video = _is_video(args)
+        backend = (args.backend or "").lower()
+        if video and (backend in ("", "onnxruntime", "ort", "onnx")) and str(args.artifact).endswith(".onnx"):
+            options["spinning"] = False  # leave the CPU to the decode/draw/encode threads between frames
         t0 = time.perf_counter()
         runtime = load_runtime(args.artifact, backend=args.backend, device=args.device, variant=args.variant,
                                **options)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.2f} s: {runtime.spec.describe()}", file=sys.stderr)
         if runtime.spec.random_weights:
             print("NOTE: this artifact has random weights: its detections are meaningless", file=sys.stderr)
-        if _is_video(args):
+        if video:
             from deimv2_deploy.cli.video_cli import run_video
 
             return run_video(args, runtime)

@@ -59,16 +59,22 @@ class RopeEmbedding(nn.Module):
         centres = 2.0 * centres - 1.0
         return 2 * math.pi * centres[:, None] / self.periods[None, :]  # (n, head_dim / 4)
 
-    def forward(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, height: int, width: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """sin, cos tables (prefix + H*W, head_dim); the `prefix` leading rows (class and storage tokens) are
+        the identity rotation (sin 0, cos 1), so every token can be rotated in one elementwise pass."""
         rows = self._axis_angles(height)[:, None, :].expand(height, width, -1)
         cols = self._axis_angles(width)[None, :, :].expand(height, width, -1)
         angles = torch.cat((rows, cols), dim=-1).reshape(height * width, -1)  # (H*W, head_dim / 2)
         angles = angles.repeat(1, 2)  # (H*W, head_dim)
-        return angles.sin(), angles.cos()
+        sin, cos = angles.sin(), angles.cos()
+        if prefix:
+            sin = torch.cat((sin.new_zeros(prefix, sin.shape[1]), sin))
+            cos = torch.cat((cos.new_ones(prefix, cos.shape[1]), cos))
+        return sin, cos
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate the feature pairs (i, i + d/2) of `x` (..., N, d) by the angles of sin/cos (N, d)."""
+    """Rotate the feature pairs (i, i + d/2) of `x` (..., d) by the angles of sin/cos (broadcast against x)."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
@@ -107,8 +113,8 @@ class MaskedKBiasLinear(nn.Linear):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with RoPE on the trailing H*W (patch) tokens; leading prefix tokens
-    (class, storage) are not rotated."""
+    """Multi-head self-attention with RoPE. The sin/cos tables cover every token; prefix tokens (class,
+    storage) have identity rows, which leaves them unrotated exactly (x * 1 + y * 0 = x)."""
 
     def __init__(self, dim: int, num_heads: int, mask_k_bias: bool = False) -> None:
         super().__init__()
@@ -118,20 +124,17 @@ class SelfAttention(nn.Module):
         self.qkv = MaskedKBiasLinear(dim, 3 * dim) if mask_k_bias else nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    @staticmethod
-    def _rotate_patches(t: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        # RoPE runs in the tables' dtype (float32) whatever the activations' dtype, as the official does.
-        prefix = t.shape[2] - sin.shape[0]
-        rotated = apply_rope(t[:, :, prefix:].to(sin.dtype), sin, cos).to(t.dtype)
-        return torch.cat((t[:, :, :prefix], rotated), dim=2)
-
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C); sin, cos (N, head_dim)."""
         b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
-        q = self._rotate_patches(q, sin, cos)
-        k = self._rotate_patches(k, sin, cos)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        # Token-major throughout: the head transposes sit right at the attention, where exported graphs fold
+        # them into the fused attention op instead of copying q, k and v into head-major order first.
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)  # 3 x (B, N, heads, head_dim)
+        sin, cos = sin[:, None, :], cos[:, None, :]  # (N, 1, head_dim): the same angles for every head
+        # RoPE runs in the tables' dtype (float32) whatever the activations' dtype, as the official does.
+        q = apply_rope(q.to(sin.dtype), sin, cos).to(v.dtype)
+        k = apply_rope(k.to(sin.dtype), sin, cos).to(v.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, N, d)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -274,7 +277,7 @@ class DINOv3ViT(nn.Module):
         b = patches.shape[0]
         prefix = torch.cat((self.cls_token, self.storage_tokens), dim=1).expand(b, -1, -1)
         tokens = torch.cat((prefix, patches), dim=1)  # (B, 5 + h*w, D)
-        sin, cos = self.rope_embed(grid[0], grid[1])
+        sin, cos = self.rope_embed(grid[0], grid[1], prefix=self.num_prefix_tokens)  # (5 + h*w, head_dim)
         outs = []
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, sin, cos)

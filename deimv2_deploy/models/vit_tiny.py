@@ -60,7 +60,7 @@ class ViTTiny(nn.Module):
         parts = self._model
         patches, grid = parts.patch_embed(x)  # (B, h*w, D)
         tokens = torch.cat((parts.cls_token.expand(patches.shape[0], -1, -1), patches), dim=1)  # (B, 1 + h*w, D)
-        sin, cos = parts.rope_embed(grid[0], grid[1])
+        sin, cos = parts.rope_embed(grid[0], grid[1], prefix=1)  # (1 + h*w, head_dim)
         outs = []
         for i, block in enumerate(parts.blocks):
             tokens = block(tokens, sin, cos)
