@@ -43,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
     p.add_argument("--fp32-attention", action="store_true", help="TensorRT FP16: keep ViT attention in FP32")
     p.add_argument("--force", action="store_true", help="TensorRT: build FP16 even on TensorRT < 10.6")
-    p.add_argument("--onnx", help="TensorRT: build from this ONNX file (ours or the official exporter's)")
     p.add_argument("--device", default="cuda", help="TensorRT: the GPU to build on (cuda or cuda:N)")
     p.add_argument("--no-parity", action="store_true",
                    help="TensorRT: skip the engine-vs-ONNX Runtime parity check after the build")
+    from deimv2_deploy.exporters.openvino_export import add_openvino_arguments
+
+    add_openvino_arguments(p)  # --openvino-source, --onnx (TensorRT builds from --onnx too)
     p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -65,7 +67,8 @@ def _export_one(args: argparse.Namespace, size: str):
         from deimv2_deploy.exporters.openvino_export import export_openvino
 
         return export_openvino(size, precision=args.precision, calibration=args.calibration,
-                               calibration_size=args.calibration_size, **common)
+                               calibration_size=args.calibration_size, source=args.openvino_source,
+                               onnx_path=args.onnx_path, quiet=args.quiet, **common)
     from deimv2_deploy.exporters.tensorrt_export import export_tensorrt, parse_dynamic_batch
 
     dynamic = None
@@ -74,7 +77,7 @@ def _export_one(args: argparse.Namespace, size: str):
     return export_tensorrt(size, precision=args.precision, calibration=args.calibration,
                            calibration_size=args.calibration_size, batch=args.batch, dynamic_batch=dynamic,
                            workspace_gb=args.workspace, timing_cache=args.timing_cache,
-                           fp32_attention=args.fp32_attention, force=args.force, onnx_path=args.onnx,
+                           fp32_attention=args.fp32_attention, force=args.force, onnx_path=args.onnx_path,
                            device=args.device, check_parity=not args.no_parity, quiet=args.quiet, **common)
 
 

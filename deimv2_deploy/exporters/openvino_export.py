@@ -1,0 +1,393 @@
+"""deimv2-export, OpenVINO part: the deploy graph -> OpenVINO IR (.xml + .bin) in FP32, FP16 or INT8.
+
+Steps: load the reference -> an OpenVINO model, from our ONNX artifact (exported here when the store has none for
+these weights) or straight from the PyTorch module with `ov.convert_model` -> precision (FP32 keeps FP32
+weights; FP16 compresses the weights; INT8 is NNCF post-training quantization on the user's images,
+preprocessed exactly as at inference, with the decoder and postprocessing kept in floating point) -> the saved IR
+is loaded back with `OpenVinoRuntime` and checked against PyTorch, order-free -> spec (with the parity report)
+in rt_info -> `<name>.xml/.bin` under temporary names, then renamed.
+
+Which graph: both routes give the same OpenVINO graph (attention fused into ScaledDotProductAttention either
+way; 1,204 vs 1,200 nodes for atto) and the same latency (measured side by side, 2 threads: atto 52.0 vs 51.4
+ms, s 2131 vs 2129 ms on a loaded 2-core machine). They differ in export time: converting an ONNX file takes
+5-8 s, tracing the PyTorch module 18-38 s, exporting the ONNX first 15 s-2 min. So `source="auto"` converts the
+store's ONNX of the same weights when there is one (the IR is then the very graph ONNX Runtime was checked on)
+and the PyTorch module otherwise. `source="onnx"` always goes through ONNX (exporting it when needed),
+`source="torch"` never does.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deimv2_deploy.exporters.common import (
+    EXPORTER,
+    ExportResult,
+    Steps,
+    artifact_name,
+    library_versions,
+    load_reference,
+    resolve_store,
+)
+from deimv2_deploy.exporters.parity import (
+    FP32_BOX_TOL,
+    FP32_SCORE_TOL,
+    ParityError,
+    match_detections,
+    parity_batch,
+    reference_outputs,
+)
+from deimv2_deploy.media import IMAGE_EXTENSIONS, read_image
+from deimv2_deploy.preprocess import Preprocessor
+from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
+from deimv2_deploy.spec import METADATA_KEY, ArtifactSpec
+from deimv2_deploy.variants import get_variant_info
+
+__all__ = ["export_openvino", "add_openvino_arguments", "PRECISIONS", "SOURCES", "INT8_FLOAT_PATTERNS",
+           "INT8_FLOAT_TYPES", "select_calibration_images", "calibration_inputs", "convert_from_onnx",
+           "convert_from_torch", "quantize_int8", "save_ir", "drift_summary", "REDUCED_PRECISION_TOLERANCES"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+SOURCES = ("auto", "onnx", "torch")
+# Kept in floating point under INT8. Node names differ by route: ONNX "/model/decoder/...", "/postprocessor/...";
+# PyTorch "__module.model.decoder...", "__module.postprocessor...". The decoder's top-k query selection,
+# grid_sample offsets, box distributions and the final top-k are where 8-bit rounding moves detections.
+INT8_FLOAT_PATTERNS = (r".*model[./]decoder[./].*", r".*postprocessor.*")
+INT8_FLOAT_TYPES = ("ScaledDotProductAttention",)
+# FP16/INT8 parity is reported against these tolerances, never enforced
+REDUCED_PRECISION_TOLERANCES = {"fp16": {"box_tol": 2.0, "score_tol": 1e-2},
+                                "int8": {"box_tol": 8.0, "score_tol": 5e-2}}
+
+
+# --- calibration ---------------------------------------------------------------------------------------
+def select_calibration_images(directory: str | os.PathLike, count: int) -> list[Path]:
+    """Up to `count` images from `directory` (sorted, spread evenly over it so the choice is deterministic)."""
+    if count < 1:
+        raise ValueError(f"calibration_size must be at least 1, got {count}")
+    root = Path(directory)
+    if not root.exists():
+        raise FileNotFoundError(f"calibration folder {root} does not exist: pass --calibration DIR, a folder of "
+                                "images like those the model will see")
+    if not root.is_dir():
+        raise NotADirectoryError(f"--calibration must be a folder of images, got the file {root}")
+    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise FileNotFoundError(f"calibration folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}): put "
+                                "a few hundred images like those the model will see there")
+    if len(paths) <= count:
+        return paths
+    return [paths[(i * len(paths)) // count] for i in range(count)]
+
+
+def calibration_inputs(paths: Sequence[Path], spec: ArtifactSpec) -> Iterator[dict[str, np.ndarray]]:
+    """Graph inputs of one image each, preprocessed exactly as at inference; images are read lazily."""
+    prepare = Preprocessor(spec)
+    for path in paths:
+        yield prepare(read_image(path)).as_inputs()
+
+
+class _CalibrationSet:
+    """Re-iterable: NNCF walks the data more than once (statistics, then bias correction)."""
+
+    def __init__(self, paths: Sequence[Path], spec: ArtifactSpec) -> None:
+        self.paths, self.spec = list(paths), spec
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return calibration_inputs(self.paths, self.spec)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# --- conversion -----------------------------------------------------------------------------------------
+def _name_ports(model: Any) -> Any:
+    """Give the IR the official I/O names (the runtime looks tensors up by name)."""
+    if len(model.inputs) != len(INPUT_NAMES) or len(model.outputs) != len(OUTPUT_NAMES):
+        raise ValueError(f"expected a DEIMv2 deploy graph with inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
+                         f"got {len(model.inputs)} inputs and {len(model.outputs)} outputs")
+    for port, name in zip(model.inputs, INPUT_NAMES, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, OUTPUT_NAMES, strict=True):
+        port.get_tensor().set_names({name})
+    return model
+
+
+def convert_from_onnx(path: str | os.PathLike) -> Any:
+    import openvino as ov
+
+    model = ov.convert_model(str(path))
+    if model.has_rt_info(["framework", METADATA_KEY]):
+        del model.get_rt_info()["framework"]  # the ONNX's own spec (its precision, its parity): ours replaces it
+    return _name_ports(model)
+
+
+def convert_from_torch(graph: Any, spec: ArtifactSpec) -> Any:
+    """`ov.convert_model` on the DeployGraph: dynamic batch, fixed (H, W)."""
+    import openvino as ov
+    import torch
+
+    h, w = spec.input_size
+    n = spec.batch or 2  # trace with 2 images so nothing specialises on a batch of one
+    images = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[w, h]] * n, dtype=torch.int64)
+    batch = spec.batch if spec.batch is not None else -1
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings about python-int shapes; parity checks the result
+        model = ov.convert_model(graph, example_input=(images, sizes),
+                                 input=[(ov.PartialShape([batch, 3, h, w]), ov.Type.f32),
+                                        (ov.PartialShape([batch, 2]), ov.Type.i64)])
+    return _name_ports(model)
+
+
+def quantize_int8(model: Any, paths: Sequence[Path], spec: ArtifactSpec, subset_size: int,
+                  float_patterns: Sequence[str] = INT8_FLOAT_PATTERNS) -> Any:
+    """NNCF post-training INT8 of `model` on the calibration images; nodes matching `float_patterns` stay float."""
+    import nncf
+
+    # attention stays float too: with quantized inputs OpenVINO's CPU plugin can no longer run the fused
+    # ScaledDotProductAttention kernel and falls back to MatMul + Softmax, which made s's INT8 slower than FP32
+    scope = nncf.IgnoredScope(patterns=list(float_patterns), types=list(INT8_FLOAT_TYPES), validate=False)
+    model_type = nncf.ModelType.TRANSFORMER if get_variant_info(spec.variant).family == "dinov3" else None
+    # MIXED: asymmetric activations. HGNetv2's affine after ReLU and the SiLU/GELU outputs are not centred on 0;
+    # on atto it halved the score drift against FP32 compared with the symmetric default (benchmarks/openvino_int8.md)
+    return nncf.quantize(model, nncf.Dataset(_CalibrationSet(paths, spec)), subset_size=min(subset_size, len(paths)),
+                         preset=nncf.QuantizationPreset.MIXED, ignored_scope=scope, model_type=model_type)
+
+
+def save_ir(model: Any, final_xml: Path, compress_to_fp16: bool) -> None:
+    """Write `final_xml` and its .bin under temporary names in the same folder, then rename both.
+
+    The old .xml (if any) goes first, so a reader never sees a new .bin beside an old .xml; a failure leaves
+    nothing under the final names (temporaries are removed).
+    """
+    import openvino as ov
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_xml.stem}.", suffix=".partial.xml", dir=final_xml.parent)
+    os.close(fd)
+    tmp_xml = Path(tmp_name)
+    tmp_bin = tmp_xml.with_suffix(".bin")
+    try:
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=compress_to_fp16)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_xml, 0o666 & ~umask)  # mkstemp made it private; the artifact is an ordinary file
+        final_xml.unlink(missing_ok=True)
+        os.replace(tmp_bin, final_xml.with_suffix(".bin"))
+        os.replace(tmp_xml, final_xml)
+    finally:
+        tmp_xml.unlink(missing_ok=True)
+        tmp_bin.unlink(missing_ok=True)
+
+
+def _set_spec(model: Any, spec: ArtifactSpec) -> None:
+    for key, value in spec.to_metadata().items():
+        model.set_rt_info(value, [key])
+
+
+# --- drift ----------------------------------------------------------------------------------------------
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+
+
+def drift_summary(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], top: int = 100) -> dict[str, Any]:
+    """How far reduced-precision detections moved, tolerance-free: for each of the `top` best reference
+    detections per image, the best-overlapping detection of the same class among all of ours (IoU and score)."""
+    ious, score_diffs = [], []
+    for i in range(ref["scores"].shape[0]):
+        order = np.argsort(-ref["scores"][i], kind="stable")[:top]
+        for r in order:
+            same = np.flatnonzero(ours["labels"][i] == ref["labels"][i][r])
+            if same.size == 0:
+                ious.append(0.0)
+                continue
+            overlap = _iou(ref["boxes"][i][r], ours["boxes"][i][same])
+            j = same[int(np.argmax(overlap))]
+            ious.append(float(overlap.max()))
+            score_diffs.append(abs(float(ours["scores"][i][j]) - float(ref["scores"][i][r])))
+    ious_a = np.asarray(ious)
+    return {"top": top, "mean_iou": round(float(ious_a.mean()), 4),
+            "iou_over_0.5": round(float((ious_a > 0.5).mean()), 4),
+            "iou_over_0.9": round(float((ious_a > 0.9).mean()), 4),
+            "median_score_diff": float(np.median(score_diffs)) if score_diffs else None,
+            "max_score_diff": float(np.max(score_diffs)) if score_diffs else None}
+
+
+def _describe(p: Mapping[str, Any]) -> str:
+    return (f"{p['matched']}/{p['total']} detections matched ({100 * p['fraction']:.1f}%) within "
+            f"{p['box_tol']:g} px / {p['score_tol']:g}, max box diff {p['max_box_diff']:.2e} px, "
+            f"max score diff {p['max_score_diff']:.2e}")
+
+
+# --- the export ------------------------------------------------------------------------------------------
+def _matching_store_onnx(variant: str, weights: str, random_weights: bool, store: Path) -> Path | None:
+    """The store's FP32 dynamic-batch ONNX when it was exported from these same weights, else None."""
+    path = store / artifact_name(variant, "fp32", random_weights, None, ".onnx")
+    if not path.exists():
+        return None
+    try:
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        spec = ArtifactSpec.from_metadata(meta)
+    except Exception:  # noqa: BLE001 - unreadable or foreign: not ours to reuse
+        return None
+    return path if spec is not None and spec.weights == weights and spec.batch is None else None
+
+
+def _store_onnx(variant: str, graph: Any, weights: str, random_weights: bool, store: Path, quiet: bool) -> Path:
+    """Our FP32 ONNX of these weights: the store's if it was made from the same weights, else a fresh export."""
+    from deimv2_deploy.exporters.onnx_export import export_onnx
+
+    found = _matching_store_onnx(variant, weights, random_weights, store)
+    if found is not None:
+        return found
+    return export_onnx(variant, random_weights=random_weights, output_dir=store, quiet=quiet, graph=graph,
+                       weights=weights).path
+
+
+def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | os.PathLike | None = None,
+                    random_weights: bool = False, output_dir: str | os.PathLike | None = None,
+                    calibration: str | os.PathLike | None = None, calibration_size: int = 300,
+                    onnx_path: str | os.PathLike | None = None, source: str = "auto", quiet: bool = False,
+                    float_patterns: Sequence[str] = INT8_FLOAT_PATTERNS, graph: Any = None,
+                    weights: str | None = None) -> ExportResult:
+    """Export DEIMv2-`variant` to OpenVINO IR `<store>/deimv2_<size>[_random]_<precision>.xml` (+ .bin).
+
+    precision: "fp32" (fails loudly unless boxes are within 1e-2 px and scores within 1e-5 of PyTorch for at
+    least 98% of detections), "fp16" (FP16 weights) or "int8" (needs `calibration`, a folder of images; uses up
+    to `calibration_size` of them). FP16/INT8 parity, and INT8's drift against the FP32 graph, are reported in
+    the result and the spec, not enforced. source: "onnx", "torch" or "auto". `onnx_path`: convert this
+    ONNX file instead of the store's (implies source "onnx"). source "auto": the store's ONNX of these weights
+    when it exists, else the PyTorch module (same graph and speed; see the module docstring).
+    `float_patterns`: node-name regexes kept in floating point under INT8. `graph`/`weights`: an already loaded
+    DeployGraph and its weights description (benchmarks, tests).
+    """
+    import openvino as ov
+
+    from deimv2_deploy.models.graph import DeployGraph
+    from deimv2_deploy.runtimes.openvino_backend import OpenVinoRuntime
+
+    info = get_variant_info(variant)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if onnx_path is not None:
+        if source == "torch":
+            raise ValueError("onnx_path converts an ONNX file: do not combine it with source='torch'")
+        source = "onnx"
+    calibration_paths: list[Path] = []
+    if precision == "int8":
+        if calibration is None:
+            raise ValueError("INT8 needs calibration images: pass --calibration DIR, a folder of a few hundred "
+                             "images like those the model will see (they are only read, never stored)")
+        calibration_paths = select_calibration_images(calibration, calibration_size)
+    elif calibration is not None:
+        raise ValueError(f"--calibration is for --precision int8, not {precision}")
+    store = resolve_store(output_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    final = store / artifact_name(info.name, precision, random_weights, None, ".xml")
+    steps = Steps(f"openvino {info.name} {precision}", 5 if precision == "int8" else 4, quiet)
+
+    if graph is None:
+        steps(f"loading DEIMv2-{info.name} ({'random weights' if random_weights else checkpoint or 'model store'})")
+        model, weights = load_reference(info.name, checkpoint, random_weights, store)
+        graph = DeployGraph(model).eval()
+    else:
+        steps(f"using the given DEIMv2-{info.name} deploy graph")
+    weights = weights or "unknown"
+    spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights, precision=precision,
+                                    exporter=EXPORTER)
+    route = source
+    if source == "auto":
+        route = "onnx" if _matching_store_onnx(info.name, weights, random_weights, store) is not None else "torch"
+
+    if route == "onnx":
+        onnx_file = Path(onnx_path) if onnx_path is not None else _store_onnx(info.name, graph, weights,
+                                                                              random_weights, store, quiet)
+        steps(f"converting {onnx_file.name} with OpenVINO")
+        ov_model = convert_from_onnx(onnx_file)
+    else:
+        steps("converting the PyTorch deploy graph with ov.convert_model")
+        ov_model = convert_from_torch(graph, spec)
+
+    check = parity_batch(spec)
+    reference = reference_outputs(graph, check)
+    build: dict[str, Any] = {"source": route, "compress_to_fp16": precision == "fp16"}
+    drift = None
+    if precision == "int8":
+        steps(f"quantizing to INT8 with NNCF on {len(calibration_paths)} images from {calibration}")
+        core = ov.Core()
+        fp32 = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        fp32_outputs = _run(fp32, check.as_inputs())
+        ov_model = quantize_int8(ov_model, calibration_paths, spec, calibration_size, float_patterns)
+        build["calibration"] = {"folder": str(calibration), "images": len(calibration_paths),
+                                "float_patterns": list(float_patterns), "float_types": list(INT8_FLOAT_TYPES)}
+
+    steps("checking the saved IR against PyTorch (OpenVINO, CPU)")
+    _set_spec(ov_model, spec)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".check.xml", dir=store)
+    os.close(fd)
+    tmp_xml = Path(tmp_name)
+    try:
+        ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=precision == "fp16")
+        runtime = OpenVinoRuntime(tmp_xml, device="cpu", inference_precision="f32")
+        ours = runtime.infer(check.as_inputs())
+        runtime.close()
+    finally:
+        tmp_xml.unlink(missing_ok=True)
+        tmp_xml.with_suffix(".bin").unlink(missing_ok=True)
+    tolerances = REDUCED_PRECISION_TOLERANCES.get(precision, {"box_tol": FP32_BOX_TOL, "score_tol": FP32_SCORE_TOL})
+    parity = match_detections(ours, reference, **tolerances)
+    parity["against"] = "PyTorch deploy model (CPU, FP32)"
+    if precision != "fp32":
+        parity["enforced"] = False
+        parity["drift"] = drift_summary(ours, reference)
+    if precision == "int8":
+        drift = match_detections(ours, fp32_outputs, **tolerances)
+        drift["summary"] = drift_summary(ours, fp32_outputs)
+        parity["vs_fp32"] = drift
+    if precision == "fp32" and not parity["ok"]:
+        raise ParityError(f"OpenVINO FP32 export of DEIMv2-{info.name} ({route} route) disagrees with PyTorch: "
+                          f"{_describe(parity)}. Nothing was written; please report this with the command you ran")
+
+    steps(f"writing {final} (+ .bin)")
+    spec = spec.with_(parity=parity, build=build,
+                      versions=library_versions("torch", "openvino", "nncf", *(["onnx"] if route == "onnx" else [])))
+    _set_spec(ov_model, spec)
+    save_ir(ov_model, final, compress_to_fp16=precision == "fp16")
+    if not quiet:
+        print(f"parity vs PyTorch ({precision}): {'ok' if parity['ok'] else 'outside'} "
+              f"{'(enforced)' if precision == 'fp32' else '(reported, not enforced)'}: {_describe(parity)}", flush=True)
+        if precision != "fp32":
+            print(f"  drift vs PyTorch, top-100 per image: {parity['drift']}", flush=True)
+        if drift is not None:
+            print(f"INT8 drift vs the FP32 graph: {_describe(drift)}; top-100 per image: {drift['summary']}",
+                  flush=True)
+    return ExportResult(final, spec, parity, steps.elapsed)
+
+
+def _run(compiled: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    request = compiled.create_infer_request()
+    request.infer(dict(inputs))
+    return {name: np.array(request.get_tensor(name).data, copy=True) for name in OUTPUT_NAMES}
+
+
+def add_openvino_arguments(parser: Any) -> None:
+    """OpenVINO-only options of deimv2-export (--precision, --calibration and --calibration-size are shared)."""
+    parser.add_argument("--openvino-source", choices=SOURCES, default="auto",
+                        help="OpenVINO: convert from our ONNX (onnx) or the PyTorch module (torch); auto: the "
+                             "store's ONNX of the same weights if there is one, else the PyTorch module")
+    parser.add_argument("--onnx", dest="onnx_path", metavar="FILE",
+                        help="OpenVINO/TensorRT: start from this ONNX file (made by deimv2-export, or the official "
+                             "exporter) instead of exporting the model again")
