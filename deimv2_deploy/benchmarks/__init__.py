@@ -1,0 +1,34 @@
+"""deimv2-bench: latency/FPS of DEIMv2 sizes on each backend, per device tier (CPU or GPU).
+
+    from deimv2_deploy.benchmarks import BenchConfig, run_benchmark, to_markdown
+    result = run_benchmark(BenchConfig(sizes=("atto",), backends=("torch", "onnxruntime"), random_weights=True))
+    print(to_markdown(result))
+
+`stats` (statistics over every timed call), `sysinfo` (machine fingerprint), `harness` (timing of rows, artifacts
+from the model store), `report` (markdown, CSV, JSON, plot).
+"""
+from deimv2_deploy.benchmarks.harness import (
+    SCHEMA_VERSION,
+    BenchConfig,
+    BenchResult,
+    BenchRow,
+    Skip,
+    quick_atto_table,
+    run_benchmark,
+    time_calls,
+)
+from deimv2_deploy.benchmarks.report import (
+    load_json,
+    to_csv,
+    to_markdown,
+    write_csv,
+    write_json,
+    write_markdown,
+    write_plot,
+)
+from deimv2_deploy.benchmarks.stats import LatencyStats, percentile, summarize
+from deimv2_deploy.benchmarks.sysinfo import system_fingerprint
+
+__all__ = ["BenchConfig", "BenchResult", "BenchRow", "Skip", "run_benchmark", "time_calls", "quick_atto_table",
+           "SCHEMA_VERSION", "to_markdown", "to_csv", "write_markdown", "write_csv", "write_json", "write_plot",
+           "load_json", "LatencyStats", "summarize", "percentile", "system_fingerprint"]

@@ -1,0 +1,277 @@
+"""Benchmark reports: markdown table (terminal and file), CSV, JSON (schema_version 1) and a plot.
+
+Every function takes a `BenchResult` or its JSON dict, so a saved JSON can be rendered again later
+(`to_markdown(load_json("results.json"))`). The JSON schema is documented in benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from deimv2_deploy.benchmarks.harness import SCHEMA_VERSION, BenchResult
+from deimv2_deploy.media import atomic_path
+from deimv2_deploy.variants import VARIANT_NAMES, get_variant_info
+
+__all__ = ["to_markdown", "to_csv", "write_markdown", "write_csv", "write_json", "write_plot", "load_json",
+           "CSV_FIELDS", "STAT_KEYS"]
+
+STAT_KEYS = ("mean", "std", "min", "p50", "p90", "p99", "max")
+_ROW_SCALARS = ("size", "backend", "precision", "batch", "mode", "tier", "device", "device_name", "threads", "status",
+                "reason", "artifact", "artifact_reused", "prepare_s", "backend_version", "random_weights", "load_s",
+                "first_ms", "warmup", "iters")
+_STAGES = ("read", "preprocess", "infer", "postprocess")
+CSV_FIELDS = (
+    ("schema_version",) + _ROW_SCALARS + tuple(f"{k}_ms" for k in STAT_KEYS)
+    + ("fps", "throughput_ips", "rss_mb", "peak_rss_mb", "load_1m", "speedup_vs_torch", "parity_ok",
+       "parity_matched_fraction", "parity_max_box_diff", "parity_max_score_diff")
+    + tuple(f"{s}_mean_ms" for s in _STAGES) + tuple(f"{s}_p99_ms" for s in _STAGES)
+)
+
+
+def _data(result: BenchResult | dict[str, Any]) -> dict[str, Any]:
+    data = result.to_dict() if isinstance(result, BenchResult) else result
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"benchmark results have schema_version {data.get('schema_version')!r}; this deimv2-deploy "
+                         f"reads version {SCHEMA_VERSION}")
+    return data
+
+
+def load_json(path: str | os.PathLike) -> dict[str, Any]:
+    return _data(json.loads(Path(path).read_text()))
+
+
+# --- formatting ------------------------------------------------------------------------------------------
+def _num(x: float | None, digits: int | None = None) -> str:
+    if x is None:
+        return "–"
+    if digits is not None:
+        return f"{x:.{digits}f}"
+    ax = abs(x)
+    return f"{x:.3f}" if ax < 1 else f"{x:.2f}" if ax < 10 else f"{x:.1f}" if ax < 1000 else f"{x:.0f}"
+
+
+def _parity_cell(row: dict[str, Any]) -> str:
+    if row["backend"] == "torch" and row["status"] == "ok":
+        return "reference"
+    p = row.get("parity")
+    if not p:
+        return "–"
+    if p.get("ok") is None:
+        return p.get("detail", "n/a")
+    mark = "" if p["ok"] else " ✗"
+    return f"{100 * p['matched_fraction']:.1f}% · {p['max_box_diff']:.1e} px · {p['max_score_diff']:.1e}{mark}"
+
+
+def _isa_summary(cpu: dict[str, Any]) -> str:
+    isa = cpu.get("isa") or {}
+    groups = {"AVX2": ["AVX2"], "AVX-512": ["AVX-512F"], "VNNI": ["AVX-512 VNNI", "AVX-VNNI"], "AMX": ["AMX"]}
+    return ", ".join(f"{name} {'yes' if any(isa.get(f) for f in flags) else 'no'}" for name, flags in groups.items())
+
+
+def _load(values: list[float] | None) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "n/a"
+
+
+def _contention(system: dict[str, Any], cores: int | None) -> str:
+    loads = (system.get("load_average") or [])[:1] + (system.get("load_average_end") or [])[:1]
+    if cores and loads and max(loads) > cores:
+        return " (above the core count: other processes competed for the CPU, so latencies are pessimistic)"
+    return ""
+
+
+def _threads(n: Any) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
+def _header(data: dict[str, Any]) -> list[str]:
+    system, config = data["system"], data["config"]
+    cpu = system["cpu"]
+    libs = ", ".join(f"{k} {v}" for k, v in system["libraries"].items() if v)
+    gpus = "; ".join(f"{g['name']} ({g.get('memory') or '?'}, driver {g.get('driver') or '?'})"
+                     for g in system.get("gpus") or []) or "none"
+    tiers = sorted({f"{r['tier']} ({r['device_name']})" for r in data["rows"]})
+    weights = ("RANDOM deterministic weights (timing only; detections meaningless)" if config["random_weights"]
+               else "official checkpoints")
+    timed = f"{config['iters']} timed calls" if config["iters"] else f"{config['seconds']} s of timed calls"
+    return [
+        f"Tier: {', '.join(tiers) or config['device']} · mode {config['mode']} · {_threads(config['threads'])} · "
+        f"{config['warmup']} warm-up calls then {timed} per row · {weights}",
+        f"CPU: {cpu['model']} ({cpu['arch']}), {cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores"
+        + (f", cgroup quota {cpu['cgroup_cpu_quota']}" if cpu.get("cgroup_cpu_quota") else "")
+        + f", {cpu.get('memory_gb')} GB RAM; {_isa_summary(cpu)}",
+        f"GPU: {gpus}",
+        f"Libraries: {libs}",
+        f"Load average (1/5/15 min) at start {_load(system.get('load_average'))}, at end "
+        f"{_load(system.get('load_average_end'))} on {cpu['usable_cores']} usable cores"
+        + _contention(system, cpu["usable_cores"]),
+        f"OS: {system['os']}, Python {system['python']}",
+        f"Command: `{data['command']}`",
+        f"Created: {data['created_utc']} (schema_version {data['schema_version']})",
+    ]
+
+
+_COLUMNS = ("tier · device", "size", "backend", "prec", "batch", "status", "calls", "mean ms", "std", "min", "p50",
+            "p90", "p99", "max", "FPS", "img/s", "first ms", "load s", "peak RSS MB", "load 1m", "× torch",
+            "parity vs torch (matched · max box · max score)", "note")
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    lat = row.get("latency_ms") or {}
+    ok = row["status"] == "ok"
+    notes = [row["reason"]] if row.get("reason") else []
+    if ok and row.get("stages_ms"):
+        notes.append("stages mean ms: " + ", ".join(f"{k} {_num(v['mean'])}" for k, v in row["stages_ms"].items()))
+    if ok and row.get("artifact_reused") is False:
+        notes.append(f"exported in {_num(row.get('prepare_s'))} s")
+    notes += row.get("notes") or []
+    note = "; ".join(notes)
+    return [
+        f"{row['tier']} · {row['device_name']}", row["size"], row["backend"], row["precision"], str(row["batch"]),
+        row["status"], f"{row['iters']}+{row['warmup']}w" if ok else "–",
+        *(_num(lat.get(k)) if ok else "–" for k in STAT_KEYS),
+        _num(row.get("fps")), _num(row.get("throughput_ips")), _num(row.get("first_ms")),
+        _num(row.get("load_s"), 2), _num(row.get("peak_rss_mb"), 0), _num(row.get("load_1m"), 1),
+        _num(row.get("speedup_vs_torch"), 2) if row.get("speedup_vs_torch") else "–",
+        _parity_cell(row), note.replace("|", "/").replace("\n", " "),
+    ]
+
+
+def to_markdown(result: BenchResult | dict[str, Any], title: str = "DEIMv2 latency") -> str:
+    """The report as markdown: fingerprint, one table row per configuration, and how to read it."""
+    data = _data(result)
+    lines = [f"# {title}", ""]
+    lines += [f"- {h}" for h in _header(data)]
+    lines += ["", "| " + " | ".join(_COLUMNS) + " |", "|" + "|".join("---" for _ in _COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in data["rows"]]
+    lines += [
+        "",
+        "Latency in milliseconds per call (a call processes `batch` images) over every timed call: nothing is "
+        "trimmed, so slow calls count in mean, p99 and max. FPS = 1000 / mean at batch 1; img/s = batch × 1000 / "
+        "mean. `calls` = timed + warm-up (`w`); the first warm-up call is `first ms`. `peak RSS` is the process-wide "
+        "high-water mark so far (earlier rows included). `load 1m`: the system's 1-minute load average when the row "
+        "ended; above the core count, other processes competed for the CPU during that row. `× torch` = PyTorch "
+        "eager mean / this mean on the same device. Parity: detections matched order-free against PyTorch on the "
+        "same input (fraction matched, largest box and score difference among matched).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    out.update({k: row.get(k) for k in _ROW_SCALARS})
+    lat = row.get("latency_ms") or {}
+    out.update({f"{k}_ms": lat.get(k) for k in STAT_KEYS})
+    out.update({k: row.get(k) for k in ("fps", "throughput_ips", "rss_mb", "peak_rss_mb", "load_1m",
+                                        "speedup_vs_torch")})
+    parity = row.get("parity") or {}
+    out.update({"parity_ok": parity.get("ok"), "parity_matched_fraction": parity.get("matched_fraction"),
+                "parity_max_box_diff": parity.get("max_box_diff"),
+                "parity_max_score_diff": parity.get("max_score_diff")})
+    stages = row.get("stages_ms") or {}
+    for s in _STAGES:
+        out[f"{s}_mean_ms"] = stages.get(s, {}).get("mean")
+        out[f"{s}_p99_ms"] = stages.get(s, {}).get("p99")
+    return out
+
+
+def to_csv(result: BenchResult | dict[str, Any]) -> str:
+    """One line per row, columns `CSV_FIELDS` (empty where a value does not apply)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in _data(result)["rows"]:
+        writer.writerow({k: ("" if v is None else v) for k, v in _flat(row).items()})
+    return buf.getvalue()
+
+
+def _write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_markdown(result: BenchResult | dict[str, Any], path: str | os.PathLike, title: str = "DEIMv2 latency"
+                   ) -> Path:
+    return _write_text(path, to_markdown(result, title))
+
+
+def write_csv(result: BenchResult | dict[str, Any], path: str | os.PathLike) -> Path:
+    return _write_text(path, to_csv(result))
+
+
+def write_json(result: BenchResult | dict[str, Any], path: str | os.PathLike) -> Path:
+    return _write_text(path, json.dumps(_data(result), indent=1, allow_nan=True) + "\n")
+
+
+# --- plot ------------------------------------------------------------------------------------------------
+def write_plot(result: BenchResult | dict[str, Any], path: str | os.PathLike) -> Path:
+    """Latency across sizes per backend (mean, bars p50..p99), and published COCO AP against measured latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    data = _data(result)
+    rows = [r for r in data["rows"] if r["status"] == "ok" and r.get("latency_ms")]
+    if not rows:
+        raise ValueError("no timed rows to plot (all rows were skipped or failed)")
+    sizes = [s for s in VARIANT_NAMES if any(r["size"] == s for r in rows)]
+    series: dict[tuple[str, str, int, str], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault((r["backend"], r["precision"], r["batch"], r["tier"]), {})[r["size"]] = r
+
+    fig, (ax_lat, ax_ap) = plt.subplots(1, 2, figsize=(13, 5.2))
+    offsets = np.linspace(-0.12, 0.12, len(series)) if len(series) > 1 else [0.0]
+    fastest: dict[str, float] = {}  # size -> lowest latency per image over the series
+    for offset, ((backend, precision, batch, tier), by_size) in zip(offsets, sorted(series.items()), strict=True):
+        present = [s for s in sizes if s in by_size]
+        xs = np.array([sizes.index(s) for s in present]) + offset
+        lat = [by_size[s]["latency_ms"] for s in present]
+        label = f"{backend} {precision}" + (f" b{batch}" if batch != 1 else "") + f" ({tier})"
+        (line,) = ax_lat.plot(xs, [v["mean"] for v in lat], marker="o", label=label)
+        ax_lat.vlines(xs, [v["p50"] for v in lat], [v["p99"] for v in lat], color=line.get_color(), alpha=0.6)
+        ax_lat.plot(xs, [v["p99"] for v in lat], "_", color=line.get_color(), markersize=10)
+        aps = [(by_size[s]["latency_ms"]["mean"] / by_size[s]["batch"], get_variant_info(s).published_ap, s)
+               for s in present]
+        ax_ap.plot([a[0] for a in aps], [a[1] for a in aps], marker="o", color=line.get_color(), label=label)
+        for x, _, s in aps:
+            fastest[s] = min(fastest.get(s, x), x)
+    for s, x in fastest.items():  # one label per size, left of its fastest point
+        ax_ap.annotate(s, (x, get_variant_info(s).published_ap), textcoords="offset points", xytext=(-8, 0),
+                       ha="right", va="center", fontsize=8)
+    ax_lat.set_xticks(range(len(sizes)), sizes)
+    ax_lat.set_yscale("log")
+    ax_lat.set_xlabel("DEIMv2 size")
+    ax_lat.set_ylabel("latency per call, ms (dot: mean; bar: p50 to p99; log)")
+    for axis in (ax_lat.yaxis, ax_ap.xaxis):
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+    ax_lat.set_title("Measured latency")
+    ax_lat.grid(True, which="both", alpha=0.3)
+    ax_lat.legend(fontsize=8)
+    ax_ap.set_xscale("log")
+    ax_ap.set_xlabel("measured latency per image, ms (mean; log)")
+    ax_ap.set_ylabel("published AP, COCO val2017 (official README)")
+    ax_ap.set_title("published AP vs latency measured here")
+    ax_ap.grid(True, which="both", alpha=0.3)
+    ax_ap.legend(fontsize=8)
+    cfg, cpu = data["config"], data["system"]["cpu"]
+    devices = ", ".join(sorted({f"{r['tier']}: {r['device_name']}" for r in rows}))
+    weights = "random weights (latency only)" if cfg["random_weights"] else "official checkpoints"
+    fig.suptitle(f"DEIMv2 {cfg['mode']} latency · {devices} · {_threads(cfg['threads'])} · {weights}\n"
+                 f"{cpu['usable_cores']} usable cores; 1-min load average {_load(data['system'].get('load_average'))}"
+                 f" at start, {_load(data['system'].get('load_average_end'))} at end; {data['created_utc']}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,160 @@
+"""deimv2-bench: latency and FPS of DEIMv2 sizes on each backend, one device tier per run.
+
+    deimv2-bench --sizes atto,femto --backends torch,onnxruntime,openvino --iters 100 --random-weights
+    deimv2-bench --sizes all --seconds 20 --threads 2 --random-weights --output cpu.json --plot cpu.png
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from deimv2_deploy.cli import run_cli
+
+__all__ = ["main", "build_parser", "parse_sizes", "parse_backends"]
+
+EPILOG = """\
+Each row: artifact found in (or exported to) the model store, loaded (load time), run once (first-inference
+latency), warmed up, then every call timed (no trimming). Rows that cannot run here are listed with the reason.
+Examples:
+  deimv2-bench --sizes atto --iters 30 --random-weights
+  deimv2-bench --sizes all --backends onnxruntime,openvino --precision fp32,int8 --seconds 10 --threads 2
+  deimv2-bench --device cuda --backends torch,onnxruntime,tensorrt --precision fp16 --batch 1,8
+  deimv2-bench --mode end-to-end --sizes pico --iters 50 --random-weights
+  deimv2-bench --mode video --video street.mp4 --sizes n --iters 200
+"""
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip().lower() for t in text.split(",") if t.strip()]
+
+
+def parse_sizes(text: str) -> tuple[str, ...]:
+    from deimv2_deploy.variants import VARIANT_NAMES, get_variant_info
+
+    items = _split(text)
+    if items == ["all"]:
+        return VARIANT_NAMES
+    return tuple(dict.fromkeys(get_variant_info(s).name for s in items))  # ValueError names the bad size
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    from deimv2_deploy.runtimes.base import Backend
+
+    items = _split(text)
+    if items == ["all"]:
+        return tuple(b.value for b in Backend)
+    return tuple(dict.fromkeys(Backend.parse(b).value for b in items))  # ValueError names the bad backend
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in _split(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers like 1,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deimv2-bench", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="atto", help="comma list of atto femto pico n s m l x, or 'all' (default atto)")
+    p.add_argument("--backends", default="torch,onnxruntime,openvino",
+                   help="comma list of torch onnxruntime openvino tensorrt, or 'all' "
+                        "(default torch,onnxruntime,openvino)")
+    p.add_argument("--precision", default="fp32", help="comma list of fp32 fp16 int8 (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: one tier per run (default cpu)")
+    p.add_argument("--batch", type=_batches, default=(1,), help="comma list of batch sizes (default 1)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads per backend (default: all usable cores)")
+    p.add_argument("--warmup", type=_positive_int, default=10,
+                   help="untimed calls before timing; the first is reported as first-inference latency (default 10)")
+    timed = p.add_mutually_exclusive_group()
+    timed.add_argument("--iters", type=_positive_int, help="timed calls per row (default 100)")
+    timed.add_argument("--seconds", type=_positive_float, help="time calls for this long per row (at least 3 calls)")
+    p.add_argument("--mode", choices=["model", "end-to-end", "video"], default="model",
+                   help="model: the graph only; end-to-end: read + preprocess + infer + postprocess, each timed; "
+                        "video: frames of --video through Runtime.stream")
+    p.add_argument("--video", help="video file for --mode video")
+    p.add_argument("--random-weights", action="store_true",
+                   help="deterministic untrained weights (latency is the same; detections are meaningless)")
+    p.add_argument("--checkpoint-dir", help="model store with the official checkpoints; exported artifacts are "
+                                            "written and reused here (default: $DEIMV2_MODELS or ./models)")
+    p.add_argument("--calibration", help="folder of images for INT8 calibration (OpenVINO/TensorRT); with "
+                                         "--random-weights, synthetic scenes are used when not given")
+    p.add_argument("--no-parity", action="store_true", help="skip the detection parity check against PyTorch")
+    p.add_argument("--output", help="write the results as JSON (schema_version 1; updated after every row)")
+    p.add_argument("--markdown", help="write the markdown table to this file")
+    p.add_argument("--csv", help="write one CSV line per row to this file")
+    p.add_argument("--plot", help="write a latency plot (PNG) to this file")
+    p.add_argument("--no-samples", action="store_true", help="leave the raw per-call latencies out of the JSON")
+    p.add_argument("--title", default="DEIMv2 latency", help="title of the markdown report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-row log on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = shlex.join(["deimv2-bench", *(sys.argv[1:] if argv is None else argv)])
+    return run_cli(lambda: _run(args, command), "deimv2-bench")
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    from deimv2_deploy.benchmarks.harness import BenchConfig, run_benchmark
+    from deimv2_deploy.benchmarks.report import to_markdown, write_csv, write_json, write_markdown, write_plot
+
+    if args.video and args.mode != "video":
+        raise ValueError("--video is only used with --mode video")
+    config = BenchConfig(
+        sizes=parse_sizes(args.sizes), backends=parse_backends(args.backends),
+        precisions=tuple(dict.fromkeys(_split(args.precision))), device=args.device, batches=args.batch,
+        threads=args.threads, warmup=args.warmup, iters=args.iters, seconds=args.seconds, mode=args.mode,
+        video=args.video, random_weights=args.random_weights, checkpoint_dir=args.checkpoint_dir,
+        calibration=args.calibration, parity=not args.no_parity, progress=not args.quiet,
+        keep_samples=not args.no_samples, command=command)
+    on_row = (lambda partial: write_json(partial, args.output)) if args.output else None
+    result = run_benchmark(config, on_row=on_row)
+    text = to_markdown(result, args.title)
+    print(text)
+    written = []
+    if args.output:
+        written.append(write_json(result, args.output))
+    if args.markdown:
+        written.append(write_markdown(result, args.markdown, args.title))
+    if args.csv:
+        written.append(write_csv(result, args.csv))
+    if args.plot:
+        if any(r.status == "ok" for r in result.rows):
+            written.append(write_plot(result, args.plot))
+        else:
+            print("deimv2-bench: no row was timed, so no plot was written", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    failed = [r for r in result.rows if r.status == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
