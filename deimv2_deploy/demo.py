@@ -114,12 +114,9 @@ def video_demo(artifact: Path, out_dir: Path) -> None:
 
 
 def bench_demo(store: Path) -> None:
-    from deimv2_deploy.cli.bench import main as bench_main
+    from deimv2_deploy.benchmarks.harness import quick_atto_table
 
-    args = ["--sizes", "atto", "--backends", "all", "--threads", "2", "--iters", "30", "--warmup", "5",
-            "--random-weights", "--checkpoint-dir", str(store)]
-    print("$ deimv2-bench " + " ".join(args))
-    bench_main(args)
+    print(quick_atto_table(store, iters=30, threads=2))
 
 
 def main(argv: list[str] | None = None) -> int:
