@@ -182,7 +182,7 @@ def test_json_schema_is_stable(fake_result, tmp_path):
     assert set(data) == {"schema_version", "tool", "created_utc", "elapsed_s", "command", "config", "system", "rows"}
     assert set(data["config"]) == {"sizes", "backends", "precisions", "device", "batches", "threads", "warmup",
                                    "iters", "seconds", "mode", "video", "random_weights", "checkpoint_dir",
-                                   "calibration", "parity"}
+                                   "calibration", "parity", "interleave"}
     assert {"cpu", "threads", "gpus", "libraries", "os", "python", "command", "load_average"} <= set(data["system"])
     row_keys = {"size", "backend", "precision", "batch", "mode", "tier", "device", "device_name", "threads", "status",
                 "reason", "artifact", "artifact_reused", "prepare_s", "backend_version", "weights", "random_weights",

@@ -11,6 +11,14 @@ Modes:
 - "end-to-end": per call, image read/decode, `Runtime.prepare`, `Runtime.infer` and
   `Runtime.detections_from_outputs` (box mapping + Detections), each stage timed separately.
 - "video": frames of a video file through `Runtime.stream` (decode + everything above), per-frame latency.
+- "predict": `Runtime.predict` on an in-memory 640x480 BGR image (preprocess + graph + detections), against the
+  baselines a user has today timed as they run: PyTorch eager and the official-style exports graph-only (the
+  official torch_inf.py times `model(images, orig_target_sizes)` on prepared inputs).
+
+Baselines: the pseudo-backends `onnxruntime-official` and `openvino-official` run the ONNX file the official
+exporter makes of the same model (`export_official_style_onnx`: plain trace, dynamic batch, no graph work) with
+each library's stock settings. With `interleave`, the rows of one size and batch take turns call by call, so load
+from other processes hits them alike and their ratios stay meaningful on a shared machine.
 """
 from __future__ import annotations
 
@@ -43,12 +51,16 @@ from deimv2_deploy.runtimes.base import Backend, BackendUnavailableError, Runtim
 from deimv2_deploy.variants import VARIANT_NAMES, get_variant_info
 
 __all__ = ["BenchConfig", "BenchRow", "BenchResult", "Skip", "Timing", "RowKey", "run_benchmark", "time_calls",
-           "quick_atto_table", "load_torch_reference", "MODES", "PRECISIONS", "BACKEND_ORDER", "SCHEMA_VERSION"]
+           "time_round_robin", "quick_atto_table", "load_torch_reference", "MODES", "PRECISIONS", "BACKEND_ORDER",
+           "OFFICIAL_BACKENDS", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
-MODES = ("model", "end-to-end", "video")
+MODES = ("model", "end-to-end", "video", "predict")
+# baselines: the official-style ONNX on a stock runtime (pseudo-backend -> the runtime library that runs it)
+OFFICIAL_BACKENDS = {"onnxruntime-official": "onnxruntime", "openvino-official": "openvino"}
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKEND_ORDER = tuple(b.value for b in Backend)  # torch first: it is the reference of speed-up and parity
+BACKEND_ORDER = (Backend.TORCH.value, *OFFICIAL_BACKENDS,  # torch first: the reference of speed-up and parity
+                 *(b.value for b in Backend if b is not Backend.TORCH))
 DEFAULT_ITERS = 100
 MIN_ITERS = 3  # a --seconds run still times at least this many calls
 
@@ -84,6 +96,7 @@ class BenchConfig:
     progress: bool = True
     keep_samples: bool = True  # raw per-call latencies in the JSON
     command: str | None = None
+    interleave: bool = False  # rows of one size and batch take turns call by call (see the module docstring)
 
     def __post_init__(self) -> None:
         sizes = tuple(get_variant_info(s).name for s in self.sizes)  # raises on unknown sizes
@@ -127,6 +140,9 @@ class BenchConfig:
                 raise FileNotFoundError(f"video not found: {self.video}")
             if self.batches != (1,):
                 raise ValueError("--mode video runs frame by frame: use --batch 1")
+            if self.interleave:
+                raise ValueError("--interleave times calls of several rows in turn; --mode video streams one "
+                                 "file per row: leave --interleave out")
 
     @property
     def threads_used(self) -> int:
@@ -145,7 +161,7 @@ class BenchConfig:
                 "device": self.device, "batches": list(self.batches), "threads": self.threads_used,
                 "warmup": self.warmup, "iters": self.iters, "seconds": self.seconds, "mode": self.mode,
                 "video": self.video, "random_weights": self.random_weights, "checkpoint_dir": self.checkpoint_dir,
-                "calibration": self.calibration, "parity": self.parity}
+                "calibration": self.calibration, "parity": self.parity, "interleave": self.interleave}
 
 
 @dataclass(frozen=True)
@@ -486,6 +502,25 @@ def _tensorrt_artifact(key: RowKey, config: BenchConfig, workdir: Path, row: Ben
     return Path(result.path), False, time.perf_counter() - t0
 
 
+def _official_artifact(key: RowKey, config: BenchConfig, workdir: Path, row: BenchRow
+                       ) -> tuple[Path, bool, float | None]:
+    """(path, reused, export seconds) of the official-style ONNX (the baseline) of this row's size."""
+    from deimv2_deploy.exporters.onnx_export import export_official_style_onnx, official_style_name
+
+    if key.precision != "fp32":
+        raise Skip("the official exporter makes FP32 ONNX only")
+    path = config.store / official_style_name(key.size, config.random_weights)
+    if path.exists():
+        return path, True, None
+    checkpoint = _checkpoint(key.size, config)
+    _log(config, f"exporting the official-style {key.size} ONNX to {config.store} (reused next time)")
+    t0 = time.perf_counter()
+    with _quiet_warnings():
+        export_official_style_onnx(key.size, checkpoint=checkpoint, random_weights=config.random_weights,
+                                   output_dir=config.store)
+    return path, False, time.perf_counter() - t0
+
+
 def _backend_reason(backend: str, device: str) -> str | None:
     """Why `backend` cannot run on `device` here, before any artifact is made (None: it may run)."""
     from deimv2_deploy.runtimes import available_backends
@@ -510,18 +545,29 @@ def _load(key: RowKey, config: BenchConfig, row: BenchRow, workdir: Path) -> Run
         row.load_s = time.perf_counter() - t0
         row.artifact = "(in memory: deimv2_deploy.models deploy graph)"
         return runtime
-    reason = _backend_reason(key.backend, config.device)
+    official = key.backend in OFFICIAL_BACKENDS
+    backend = OFFICIAL_BACKENDS.get(key.backend, key.backend)
+    reason = _backend_reason(backend, config.device)
     if reason:
         raise Skip(reason)
     make = {"onnxruntime": _onnx_artifact, "openvino": _openvino_artifact, "tensorrt": _tensorrt_artifact}
-    if key.backend not in make:
+    if backend not in make:
         raise Skip(f"no artifact recipe for backend {key.backend!r}")
-    path, reused, prepare_s = make[key.backend](key, config, workdir, row)
+    path, reused, prepare_s = (_official_artifact if official else make[backend])(key, config, workdir, row)
     row.artifact, row.artifact_reused, row.prepare_s = str(path), reused, prepare_s
     from deimv2_deploy.runtimes import load_runtime
 
+    # the baseline runs as a user's stock setup would: no metadata in the file, OpenVINO compiles it as exported
+    options: dict[str, Any] = {"variant": key.size, "fixed_batch_one": False} if official else {}
+    if official:
+        row.notes.append("official-style export (plain trace, dynamic batch), stock runtime settings")
+    if backend == "onnxruntime" and config.interleave:
+        # idle ONNX Runtime workers busy-wait for tens of ms after each run, taking the CPU from whichever row
+        # runs next in the rotation; without spinning every row gets the machine to itself
+        options["spinning"] = False
+        row.notes.append("ONNX Runtime spinning off (interleaved rows)")
     t0 = time.perf_counter()
-    runtime = load_runtime(path, backend=key.backend, device=config.device, threads=config.threads_used)
+    runtime = load_runtime(path, backend=backend, device=config.device, threads=config.threads_used, **options)
     row.load_s = time.perf_counter() - t0
     return runtime
 
@@ -534,18 +580,13 @@ def _bench_inputs(runtime: Runtime, batch: int):
     return parity_batch(runtime.spec, count=batch)
 
 
-def _model_timing(runtime: Runtime, batch: int, config: BenchConfig, progress: Any) -> Timing:
-    inputs = _bench_inputs(runtime, batch).as_inputs()
-    return time_calls(lambda: runtime.infer(inputs), warmup=config.warmup, iters=config.iters,
-                      seconds=config.seconds, sync=_make_sync(config.device), progress=progress)
-
-
-def _end_to_end_timing(runtime: Runtime, batch: int, config: BenchConfig, progress: Any, workdir: Path) -> Timing:
+def _end_to_end_call(runtime: Runtime, batch: int, workdir: Path) -> Callable[[], tuple[Any, dict[str, int]]]:
+    """Read + prepare + infer + detections of `batch` JPEG scenes, each stage timed (a staged call)."""
     from deimv2_deploy.exporters.parity import parity_images
     from deimv2_deploy.media import read_image, write_image
 
     paths = [write_image(workdir / f"scene_{i}.jpg", image) for i, image in enumerate(parity_images(batch))]
-    sync = _make_sync(config.device)
+    sync = _make_sync(runtime.device)
     clock = time.perf_counter_ns
 
     def call() -> tuple[Any, dict[str, int]]:
@@ -563,11 +604,26 @@ def _end_to_end_timing(runtime: Runtime, batch: int, config: BenchConfig, progre
         return outputs, {"read": t1 - t0, "preprocess": t2 - t1, "infer": t3 - t2, "postprocess": t4 - t3,
                          "detections": len(detections)}
 
-    timing = time_calls(call, warmup=config.warmup, iters=config.iters, seconds=config.seconds, sync=sync,
-                        progress=progress, staged=True)
-    if timing.stages_ns:
-        timing.stages_ns.pop("detections", None)
-    return timing
+    return call
+
+
+PREDICT_IMAGE_HW = (480, 640)
+
+
+def _predict_call(runtime: Runtime, key: RowKey) -> tuple[Callable[[], Any], bool]:
+    """(call, graph_only) for predict mode: our runtimes end to end on in-memory 640x480 BGR images; the
+    baselines (PyTorch eager, official-style exports) on prepared inputs, as users run them today."""
+    from deimv2_deploy.exporters.parity import parity_images
+
+    if key.backend == "torch" or key.backend in OFFICIAL_BACKENDS:
+        inputs = _bench_inputs(runtime, key.batch).as_inputs()
+        return (lambda: runtime.infer(inputs)), True
+    image = parity_images(1)[0]  # the 640x480 scene
+    assert image.shape[:2] == PREDICT_IMAGE_HW
+    if key.batch == 1:
+        return (lambda: runtime.predict(image)), False
+    images = [image] * key.batch
+    return (lambda: runtime.predict(images)), False
 
 
 def _video_timing(runtime: Runtime, config: BenchConfig, progress: Any) -> Timing:
@@ -662,8 +718,9 @@ class _References:
         return self.outputs[(size, batch)]
 
 
-def _bench_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], references: _References,
-               names: tuple[str, str], label: str, workdir: Path) -> BenchRow:
+def _open_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], names: tuple[str, str],
+              workdir: Path) -> tuple[BenchRow, Runtime | None]:
+    """The row with its runtime loaded, or (skipped/failed row, None)."""
     row = BenchRow(key.size, key.backend, key.precision, key.batch, config.mode, tier_of(config.device),
                    config.device, names[0], config.threads_used)
     runtime = None
@@ -679,33 +736,52 @@ def _bench_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], 
         row.notes += _artifact_notes(runtime.spec)
         if runtime.spec.batch is not None and runtime.spec.batch != key.batch:
             raise Skip(f"{row.artifact} has a fixed batch of {runtime.spec.batch}; export a dynamic-batch artifact")
-        bar = _Progress(label, config.iters, config.seconds, config.progress)
-        try:
-            if config.mode == "model":
-                timing = _model_timing(runtime, key.batch, config, bar)
-            elif config.mode == "end-to-end":
-                timing = _end_to_end_timing(runtime, key.batch, config, bar, workdir)
-            else:
-                timing = _video_timing(runtime, config, bar)
-        finally:
-            bar.close()
-        row.rss_mb, row.peak_rss_mb = _memory_mb()  # while the runtime is still loaded
-        row.load_1m = (load_average() or [None])[0]
-        # outputs on the fixed parity input (model mode: the timed input itself; other modes read JPEGs or
-        # video frames, so one more untimed call on the exact input the PyTorch reference saw)
-        outputs = None
-        if config.parity or key.backend == "torch":
-            outputs = (timing.output if config.mode == "model"
-                       else runtime.infer(_bench_inputs(runtime, key.batch).as_inputs()))
-    except (Skip, BackendUnavailableError) as e:
-        row.status, row.reason = "skipped", str(e)
-        return row
+        return row, runtime
     except Exception as e:  # noqa: BLE001 - one broken row must not lose the others; the reason is reported
-        row.status, row.reason = "failed", f"{type(e).__name__}: {e}"
-        return row
-    finally:
+        _fail(row, e)
         if runtime is not None:
             runtime.close()
+        return row, None
+
+
+def _fail(row: BenchRow, error: Exception) -> None:
+    if isinstance(error, (Skip, BackendUnavailableError)):
+        row.status, row.reason = "skipped", str(error)
+    else:
+        row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
+
+
+def _row_call(runtime: Runtime, key: RowKey, config: BenchConfig, workdir: Path, row: BenchRow
+              ) -> tuple[Callable[[], Any], bool, bool]:
+    """(call, staged, graph_only) timed for this row in model, end-to-end and predict modes."""
+    if config.mode == "model":
+        inputs = _bench_inputs(runtime, key.batch).as_inputs()
+        return (lambda: runtime.infer(inputs)), False, True
+    if config.mode == "end-to-end":
+        return _end_to_end_call(runtime, key.batch, workdir), True, False
+    call, graph_only = _predict_call(runtime, key)
+    if graph_only:
+        row.notes.append("baseline: graph only on prepared inputs, as users run it today")
+    return call, False, graph_only
+
+
+def _finish_row(row: BenchRow, key: RowKey, runtime: Runtime, timing: Timing, graph_only: bool,
+                config: BenchConfig, references: _References) -> BenchRow:
+    """Statistics, memory and parity of a timed row; closes its runtime."""
+    try:
+        row.rss_mb, row.peak_rss_mb = _memory_mb()  # while the runtime is still loaded
+        row.load_1m = (load_average() or [None])[0]
+        # outputs on the fixed parity input (graph-only timing: the timed input itself; other modes read JPEGs,
+        # images or video frames, so one more untimed call on the exact input the PyTorch reference saw)
+        outputs = None
+        if config.parity or key.backend == "torch":
+            outputs = (timing.output if graph_only and config.mode in ("model", "predict")
+                       else runtime.infer(_bench_inputs(runtime, key.batch).as_inputs()))
+    except Exception as e:  # noqa: BLE001
+        _fail(row, e)
+        return row
+    finally:
+        runtime.close()
 
     row.first_ms = timing.first_ns / 1e6
     row.warmup = timing.warmup
@@ -724,6 +800,131 @@ def _bench_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], 
             row.parity = ({"against": "torch", "ok": None, "detail": reference} if isinstance(reference, str)
                           else _parity(outputs, reference, key.precision))
     return row
+
+
+def _bench_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], references: _References,
+               names: tuple[str, str], label: str, workdir: Path) -> BenchRow:
+    row, runtime = _open_row(key, config, loaders, names, workdir)
+    if runtime is None:
+        return row
+    graph_only = False
+    bar = _Progress(label, config.iters, config.seconds, config.progress)
+    try:
+        if config.mode == "video":
+            timing = _video_timing(runtime, config, bar)
+        else:
+            call, staged, graph_only = _row_call(runtime, key, config, workdir, row)
+            timing = time_calls(call, warmup=config.warmup, iters=config.iters, seconds=config.seconds,
+                                sync=_make_sync(config.device), progress=bar, staged=staged)
+            if timing.stages_ns:
+                timing.stages_ns.pop("detections", None)
+    except Exception as e:  # noqa: BLE001 - one broken row must not lose the others; the reason is reported
+        _fail(row, e)
+        runtime.close()
+        return row
+    finally:
+        bar.close()
+    return _finish_row(row, key, runtime, timing, graph_only, config, references)
+
+
+def time_round_robin(calls: Mapping[Any, tuple[Callable[[], Any], bool]], *, warmup: int, iters: int | None = None,
+                     seconds: float | None = None, sync: Callable[[], None] | None = None,
+                     progress: Callable[[int, float], None] | None = None) -> dict[Any, Timing | Exception]:
+    """`time_calls` for several calls that take turns: every round times each call once, in order.
+
+    `calls` maps a key to (call, staged). With `seconds`, rounds continue until `seconds` per call have passed in
+    all (at least MIN_ITERS rounds). A call that raises drops out; its key maps to the exception.
+    """
+    if (iters is None) == (seconds is None):
+        raise ValueError("give exactly one of iters or seconds")
+    clock = time.perf_counter_ns
+    live = dict(calls)
+    out: dict[Any, Timing | Exception] = {}
+    first: dict[Any, tuple[int, Any]] = {}
+    samples: dict[Any, list[int]] = {k: [] for k in calls}
+    stages: dict[Any, dict[str, list[int]]] = {k: {} for k in calls}
+
+    def once(key: Any) -> tuple[int, Any] | None:
+        call, _ = live[key]
+        try:
+            if sync:
+                sync()
+            t0 = clock()
+            result = call()
+            if sync:
+                sync()
+            return clock() - t0, result
+        except Exception as e:  # noqa: BLE001 - reported in the row
+            out[key] = e
+            del live[key]
+            return None
+
+    for key in list(live):
+        done = once(key)
+        if done is not None:
+            first[key] = done
+            for _ in range(warmup - 1):
+                if key in live:
+                    once(key)
+    deadline = None if seconds is None else clock() + int(seconds * 1e9) * max(1, len(live))
+    start, rounds = clock(), 0
+    while live:
+        if iters is not None and rounds >= iters:
+            break
+        if deadline is not None and rounds >= MIN_ITERS and clock() >= deadline:
+            break
+        for key in list(live):
+            done = once(key)
+            if done is None:
+                continue
+            samples[key].append(done[0])
+            if live[key][1]:
+                for name, value in done[1][1].items():
+                    stages[key].setdefault(name, []).append(value)
+        rounds += 1
+        if progress:
+            progress(rounds, (clock() - start) / 1e9)
+    for key in live:
+        staged = live[key][1]
+        output = first[key][1][0] if staged else first[key][1]
+        out[key] = Timing(first[key][0], warmup, samples[key], output, stages[key] if staged else None)
+    return out
+
+
+def _bench_group(keys: Sequence[RowKey], config: BenchConfig, loaders: Mapping[str, Loader],
+                 references: _References, names: tuple[str, str], label: str, workdir: Path) -> list[BenchRow]:
+    """Rows of one size and batch, loaded together and timed in turns (`interleave`)."""
+    opened = [(key, *_open_row(key, config, loaders, names, workdir)) for key in keys]
+    calls, graph_only = {}, {}
+    for i, (key, row, runtime) in enumerate(opened):
+        if runtime is None:
+            continue
+        try:
+            call, staged, graph_only[i] = _row_call(runtime, key, config, workdir, row)
+            calls[i] = (call, staged)
+        except Exception as e:  # noqa: BLE001
+            _fail(row, e)
+            runtime.close()
+    bar = _Progress(label, config.iters, None if config.seconds is None else config.seconds * max(1, len(calls)),
+                    config.progress)
+    try:
+        timings = time_round_robin(calls, warmup=config.warmup, iters=config.iters, seconds=config.seconds,
+                                   sync=_make_sync(config.device), progress=bar)
+    finally:
+        bar.close()
+    rows = []
+    for i, (key, row, runtime) in enumerate(opened):
+        if i in calls:
+            timing = timings[i]
+            if isinstance(timing, Exception):
+                _fail(row, timing)
+                runtime.close()
+            else:
+                if timing.stages_ns:
+                    timing.stages_ns.pop("detections", None)
+                row = _finish_row(row, key, runtime, timing, graph_only[i], config, references)
+        rows.append(row)
+    return rows
 
 
 def _speedups(rows: Sequence[BenchRow]) -> None:
@@ -760,9 +961,10 @@ def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = No
     """
     loaders = dict(loaders or {})
     for b in config.backends:
-        if b not in loaders:
+        if b not in loaders and b not in OFFICIAL_BACKENDS:
             Backend.parse(b)  # raises with the list of backends
-    backends = sorted({Backend.parse(b).value if b not in loaders else b for b in config.backends},
+    backends = sorted({b if b in loaders or b in OFFICIAL_BACKENDS else Backend.parse(b).value
+                       for b in config.backends},
                       key=lambda b: (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER), b))
     cpu, gpus = cpu_info(), (gpu_info() if tier_of(config.device) == "GPU" else [])
     names = (device_name(config.device, cpu, gpus), config.device)
@@ -771,13 +973,27 @@ def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = No
     references = _References(config)
     keys = [RowKey(s, b, p, n) for s in config.sizes for b in backends for p in config.precisions
             for n in config.batches]
+    if config.interleave:  # one group per (size, batch): its rows take turns
+        groups: dict[tuple[str, int], list[RowKey]] = {}
+        for key in keys:
+            groups.setdefault((key.size, key.batch), []).append(key)
+        steps = list(groups.values())
+    else:
+        steps = [[key] for key in keys]
     t0 = time.perf_counter()
+    done = 0
     with tempfile.TemporaryDirectory(prefix="deimv2-bench-") as tmp:
-        for i, key in enumerate(keys, 1):
-            label = f"[{i}/{len(keys)}] {key.size} {key.backend} {key.precision} b{key.batch}"
-            row = _bench_row(key, config, loaders, references, names, label, Path(tmp))
-            result.rows.append(row)
-            _log(config, f"[{i}/{len(keys)}] {_describe_row(row)}")
+        for step in steps:
+            first = step[0]
+            label = (f"[{done + 1}/{len(keys)}] {first.size} {first.backend} {first.precision} b{first.batch}"
+                     if len(step) == 1 else f"[{done + 1}-{done + len(step)}/{len(keys)}] {first.size} b{first.batch}"
+                     f" ({len(step)} rows in turns)")
+            rows = ([_bench_row(first, config, loaders, references, names, label, Path(tmp))] if not config.interleave
+                    else _bench_group(step, config, loaders, references, names, label, Path(tmp)))
+            for row in rows:
+                done += 1
+                result.rows.append(row)
+                _log(config, f"[{done}/{len(keys)}] {_describe_row(row)}")
             _speedups(result.rows)
             result.elapsed_s = time.perf_counter() - t0
             system["load_average_end"] = load_average()
@@ -793,7 +1009,7 @@ def quick_atto_table(store_dir: str | os.PathLike | None = None, iters: int = 30
     """
     from deimv2_deploy.benchmarks.report import to_markdown
 
-    config = BenchConfig(sizes=("atto",), backends=BACKEND_ORDER, precisions=("fp32",), device="cpu",
+    config = BenchConfig(sizes=("atto",), backends=tuple(b.value for b in Backend), precisions=("fp32",), device="cpu",
                          threads=threads, warmup=5, iters=iters, random_weights=True,
                          checkpoint_dir=None if store_dir is None else str(store_dir), progress=False,
                          keep_samples=False)

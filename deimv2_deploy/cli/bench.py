@@ -22,6 +22,8 @@ Examples:
   deimv2-bench --device cuda --backends torch,onnxruntime,tensorrt --precision fp16 --batch 1,8
   deimv2-bench --mode end-to-end --sizes pico --iters 50 --random-weights
   deimv2-bench --mode video --video street.mp4 --sizes n --iters 200
+  deimv2-bench --sizes all --backends torch,onnxruntime-official,openvino-official,onnxruntime,openvino \
+               --mode predict --interleave --threads 2 --seconds 8 --random-weights
 """
 
 
@@ -39,12 +41,14 @@ def parse_sizes(text: str) -> tuple[str, ...]:
 
 
 def parse_backends(text: str) -> tuple[str, ...]:
+    from deimv2_deploy.benchmarks.harness import OFFICIAL_BACKENDS
     from deimv2_deploy.runtimes.base import Backend
 
     items = _split(text)
     if items == ["all"]:
         return tuple(b.value for b in Backend)
-    return tuple(dict.fromkeys(Backend.parse(b).value for b in items))  # ValueError names the bad backend
+    # the official-style baselines keep their names; the rest are parsed (ValueError names a bad backend)
+    return tuple(dict.fromkeys(b if b in OFFICIAL_BACKENDS else Backend.parse(b).value for b in items))
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -83,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="atto", help="comma list of atto femto pico n s m l x, or 'all' (default atto)")
     p.add_argument("--backends", default="torch,onnxruntime,openvino",
                    help="comma list of torch onnxruntime openvino tensorrt, or 'all' "
-                        "(default torch,onnxruntime,openvino)")
+                        "(default torch,onnxruntime,openvino); onnxruntime-official and openvino-official run "
+                        "the official-style export of the same model (the baselines)")
     p.add_argument("--precision", default="fp32", help="comma list of fp32 fp16 int8 (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: one tier per run (default cpu)")
     p.add_argument("--batch", type=_batches, default=(1,), help="comma list of batch sizes (default 1)")
@@ -93,9 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     timed = p.add_mutually_exclusive_group()
     timed.add_argument("--iters", type=_positive_int, help="timed calls per row (default 100)")
     timed.add_argument("--seconds", type=_positive_float, help="time calls for this long per row (at least 3 calls)")
-    p.add_argument("--mode", choices=["model", "end-to-end", "video"], default="model",
+    p.add_argument("--mode", choices=["model", "end-to-end", "predict", "video"], default="model",
                    help="model: the graph only; end-to-end: read + preprocess + infer + postprocess, each timed; "
-                        "video: frames of --video through Runtime.stream")
+                        "predict: Runtime.predict on an in-memory 640x480 image, baselines (torch, *-official) "
+                        "graph only; video: frames of --video through Runtime.stream")
+    p.add_argument("--interleave", action="store_true",
+                   help="the rows of one size take turns call by call (fair ratios on a shared machine)")
     p.add_argument("--video", help="video file for --mode video")
     p.add_argument("--random-weights", action="store_true",
                    help="deterministic untrained weights (latency is the same; detections are meaningless)")
@@ -133,7 +141,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         threads=args.threads, warmup=args.warmup, iters=args.iters, seconds=args.seconds, mode=args.mode,
         video=args.video, random_weights=args.random_weights, checkpoint_dir=args.checkpoint_dir,
         calibration=args.calibration, parity=not args.no_parity, progress=not args.quiet,
-        keep_samples=not args.no_samples, command=command)
+        keep_samples=not args.no_samples, command=command, interleave=args.interleave)
     on_row = (lambda partial: write_json(partial, args.output)) if args.output else None
     result = run_benchmark(config, on_row=on_row)
     text = to_markdown(result, args.title)

@@ -28,7 +28,8 @@ from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
 from deimv2_deploy.spec import ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
 
-__all__ = ["export_onnx", "trace_to_onnx", "write_onnx_with_spec", "run_onnx"]
+__all__ = ["export_onnx", "export_official_style_onnx", "official_style_name", "trace_to_onnx", "write_onnx_with_spec",
+           "run_onnx"]
 
 
 def trace_to_onnx(graph: Any, spec: ArtifactSpec, path: Path, opset: int = 17, batch: int | None = None) -> None:
@@ -167,6 +168,39 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
     if not quiet:
         print(f"parity vs PyTorch: {_describe(parity)}", flush=True)
     return ExportResult(final, spec, parity, steps.elapsed)
+
+
+def official_style_name(variant: str, random_weights: bool = False) -> str:
+    """deimv2_<size>[_random]_fp32_official.onnx: the baseline export's file name in the model store."""
+    return artifact_name(variant, "fp32", random_weights, None, "_official.onnx")
+
+
+def export_official_style_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None,
+                               random_weights: bool = False, output_dir: str | os.PathLike | None = None,
+                               opset: int = 17, graph: Any = None) -> Path:
+    """The ONNX file the official exporter makes of the same model: the baseline speed comparisons start from.
+
+    `torch.onnx.export` of the plain deploy graph with a dynamic batch axis, and nothing else: no onnxsim, no
+    metadata (load it with `variant=`), no parity step. Written to `<store>/deimv2_<size>[_random]_fp32_official.onnx`.
+    """
+    from deimv2_deploy.models.graph import DeployGraph
+
+    info = get_variant_info(variant)
+    store = resolve_store(output_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    if graph is None:
+        model, _ = load_reference(info.name, checkpoint, random_weights, store)
+        graph = DeployGraph(model).eval()
+    final = store / official_style_name(info.name, random_weights)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial.onnx", dir=store)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        trace_to_onnx(graph, ArtifactSpec.for_variant(info.name), tmp, opset=opset, batch=None)
+        publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def _describe(p: dict[str, Any]) -> str:

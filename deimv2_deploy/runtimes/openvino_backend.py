@@ -5,6 +5,11 @@ Two ways to run, chosen with `mode=`:
 - "throughput": OpenVINO picks several streams and an `AsyncInferQueue` of requests keeps them busy; a batch given
   to `infer` is split into single images run in parallel, and `submit`/`results`/`infer_many` pipeline work
   (video frames, benchmark loops).
+
+A graph with a dynamic batch axis is compiled for single images with the batch fixed at 1: fixed shapes let the CPU
+plugin plan memory and choose kernels once, which makes the small sizes about a quarter faster (atto on 2 threads:
+12 ms instead of 15.7 ms; benchmarks/cpu_speed.md). The graph as exported (any batch) is compiled the first time a
+larger batch comes.
 """
 from __future__ import annotations
 
@@ -109,6 +114,26 @@ def _has_input(model: Any, name: str) -> bool:
     return any(name in port.get_names() for port in model.inputs)
 
 
+def _port(model: Any, name: str) -> Any:
+    return next(port for port in model.inputs if name in port.get_names())
+
+
+def _with_fixed_batch(model: Any, batch: int, input_size: tuple[int, int]) -> Any:
+    """`model` reshaped in place to a fixed batch, or None where OpenVINO cannot (it is then re-read)."""
+    h, w = input_size
+    try:
+        model.reshape({_port(model, "images"): [batch, 3, h, w], _port(model, "orig_target_sizes"): [batch, 2]})
+    except RuntimeError:
+        return None
+    return model
+
+
+def _dynamic_batch(model: Any) -> bool:
+    """True when the images input has a dynamic (or bounded) batch axis."""
+    shape = _port(model, "images").get_partial_shape()
+    return shape.rank.is_static and len(shape) == 4 and not shape[0].is_static
+
+
 # --- loading ---------------------------------------------------------------------------------------------
 def _ir_weights_needed(xml: Path) -> int:
     """Bytes of .bin the IR's constants reference (largest offset + size), from the .xml text."""
@@ -156,7 +181,9 @@ class OpenVinoRuntime(Runtime):
     the list of devices OpenVINO found), `mode` ("latency" | "throughput", OpenVINO's performance hint),
     `threads` (inference threads, None = OpenVINO's choice), `streams` (parallel streams, None = as the mode
     implies), `inference_precision` (None keeps FP32 artifacts in f32 even where the CPU would default to bf16;
-    "f16"/"bf16" to trade accuracy for speed), `variant` (only for an ONNX file without metadata).
+    "f16"/"bf16" to trade accuracy for speed), `variant` (only for an ONNX file without metadata),
+    `fixed_batch_one` (default True: a dynamic-batch graph runs single images on a batch-1 compilation, see the
+    module docstring; False compiles it only as exported, as a stock OpenVINO setup would).
 
     Pipelined use (video, benchmarks) through an `AsyncInferQueue` of the compiled model's optimal number of
     requests, one graph call per submission:
@@ -175,7 +202,7 @@ class OpenVinoRuntime(Runtime):
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", variant: str | None = None,
                  threads: int | None = None, streams: int | str | None = None, mode: str = "latency",
-                 inference_precision: str | None = None, **_ignored: Any) -> None:
+                 inference_precision: str | None = None, fixed_batch_one: bool = True, **_ignored: Any) -> None:
         ov = _import_openvino()
         self.path = Path(path)
         if not self.path.exists():
@@ -197,24 +224,44 @@ class OpenVinoRuntime(Runtime):
                              "graph)")
         self.mode = mode
         self.config = self._compile_config(threads, streams, inference_precision)
-        try:
-            self.compiled = self.core.compile_model(model, self.ov_device, self.config)
-        except RuntimeError as e:
-            raise RuntimeError(f"OpenVINO could not compile {self.path} for {self.ov_device} with {self.config}: "
-                               f"{_first_line(e)}") from e
+        self._graphs: dict[int | None, Any] = {}  # compiled graphs by fixed batch; None: the graph as exported
+        dynamic = _dynamic_batch(model)
+        single = _with_fixed_batch(model, 1, self.spec.input_size) if dynamic and fixed_batch_one else None
+        self._single = single is not None
+        # a reshape that failed may have left `model` half changed: the any-batch graph is then read again
+        self.compiled = self._graph(1, single) if self._single else self._graph(None, None if dynamic else model)
         self.output_names = tuple(n for n in self.output_names if any(n in o.get_names() for o in
                                                                       self.compiled.outputs))
         if len(self.output_names) != 3:
             raise ValueError(f"{self.path} has outputs {[sorted(o.get_names()) for o in self.compiled.outputs]}, "
                              "expected labels, boxes, scores (a DEIMv2 deploy graph)")
         self._request = self.compiled.create_infer_request()
+        self._requests: dict[int | None, Any] = {1 if self._single else None: self._request}
         # pipelined state (created on first use)
-        self._queue: Any = None
+        self._queues: dict[int | None, Any] = {}
         self._lock = threading.Lock()
         self._done: dict[int, Any] = {}  # sequence number -> outputs dict or the exception it raised
         self._userdata: dict[int, Any] = {}
         self._next_seq = 0
         self._next_out = 0
+
+    def _graph(self, batch: int | None, model: Any = None) -> Any:
+        """The compiled graph for a fixed batch (None: the graph as exported), compiled on first use; the file
+        is read again then rather than kept in memory beside the compiled graph."""
+        if batch not in self._graphs:
+            if model is None:
+                model = _read_model(self.core, self.path)
+                if batch is not None:
+                    model = _with_fixed_batch(model, batch, self.spec.input_size)
+            try:
+                self._graphs[batch] = self.core.compile_model(model, self.ov_device, self.config)
+            except RuntimeError as e:
+                raise RuntimeError(f"OpenVINO could not compile {self.path} for {self.ov_device} with "
+                                   f"{self.config}: {_first_line(e)}") from e
+        return self._graphs[batch]
+
+    def _key(self, n: int) -> int | None:
+        return 1 if self._single and n == 1 else None
 
     def _compile_config(self, threads: int | None, streams: int | str | None,
                         inference_precision: str | None) -> dict[str, Any]:
@@ -269,6 +316,7 @@ class OpenVinoRuntime(Runtime):
             "streams": int(streams) if streams is not None else None,
             "threads": int(threads) if threads is not None else None,  # 0: OpenVINO uses all cores
             "requests": self._property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
+            "compiled_batches": ["any" if b is None else b for b in self._graphs],  # 1: fixed for single images
             "path": str(self.path),
         }
 
@@ -282,8 +330,12 @@ class OpenVinoRuntime(Runtime):
             # one image per request, the streams run them in parallel
             parts = self.infer_many([{k: v[i:i + 1] for k, v in inputs.items()} for i in range(n)])
             return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
-        self._request.infer(inputs, share_inputs=True)  # synchronous: the arrays outlive the call
-        return self._copy_outputs(self._request)
+        key = self._key(n)
+        if key not in self._requests:
+            self._requests[key] = self._graph(key).create_infer_request()
+        request = self._requests[key]
+        request.infer(inputs, share_inputs=True)  # synchronous: the arrays outlive the call
+        return self._copy_outputs(request)
 
     # --- pipelined ----------------------------------------------------------------------------------------
     @property
@@ -291,12 +343,14 @@ class OpenVinoRuntime(Runtime):
         """Submissions not yet returned by `results`."""
         return self._next_seq - self._next_out
 
-    def _ensure_queue(self) -> Any:
-        if self._queue is None:
+    def _ensure_queue(self, n: int) -> Any:
+        key = self._key(n)  # single images run on the batch-1 graph, larger batches on the any-batch one
+        if key not in self._queues:
             ov = _import_openvino()
-            self._queue = ov.AsyncInferQueue(self.compiled, 0)  # 0: the compiled model's optimal number
-            self._queue.set_callback(self._on_done)
-        return self._queue
+            queue = ov.AsyncInferQueue(self._graph(key), 0)  # 0: the compiled model's optimal number
+            queue.set_callback(self._on_done)
+            self._queues[key] = queue
+        return self._queues[key]
 
     def _on_done(self, request: Any, seq: int) -> None:
         # runs on an OpenVINO thread; copy now, the request is reused by the next submission
@@ -310,7 +364,7 @@ class OpenVinoRuntime(Runtime):
     def submit(self, inputs: Mapping[str, np.ndarray], userdata: Any = None) -> None:
         """Start one graph call on the next free request (blocks while all are busy); see `results`."""
         checked = self.check_inputs(inputs)
-        queue = self._ensure_queue()
+        queue = self._ensure_queue(checked["images"].shape[0])
         seq = self._next_seq
         self._userdata[seq] = userdata
         try:
@@ -322,8 +376,9 @@ class OpenVinoRuntime(Runtime):
 
     def results(self, wait: bool = False) -> list[tuple[Any, dict[str, np.ndarray]]]:
         """Finished submissions as (userdata, outputs), in submission order; wait=True first waits for all."""
-        if wait and self._queue is not None:
-            self._queue.wait_all()
+        if wait:
+            for queue in self._queues.values():
+                queue.wait_all()
         ready = []
         with self._lock:
             while self._next_out in self._done:
@@ -350,8 +405,10 @@ class OpenVinoRuntime(Runtime):
         return [outputs for _, outputs in self.results(wait=True)]
 
     def close(self) -> None:
-        if getattr(self, "_queue", None) is not None:
-            self._queue.wait_all()
-        self._queue = None
+        for queue in getattr(self, "_queues", {}).values():
+            queue.wait_all()
+        self._queues = {}
         self._request = None
+        self._requests = {}
+        self._graphs = {}
         self.compiled = None
