@@ -1,37 +1,10 @@
 """Shared fixtures: where ../shared is, and artifacts exported once per test session."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("DEIMV2_SHARED", REPO.parent / "shared"))
-
-
-def golden_dir() -> Path:
-    return Path(os.environ.get("DEIMV2_GOLDEN", shared_dir() / "golden"))
-
-
-def load_golden_module(name: str):
-    """fill.py / compare.py from the golden folder, or skip (with why) where it is absent."""
-    path = golden_dir() / f"{name}.py"
-    if not path.exists():
-        pytest.skip(f"golden cases not found at {golden_dir()} (set DEIMV2_GOLDEN)")
-    module_name = f"deimv2_golden_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses in compare.py look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
+from golden import load_golden_module, shared_dir  # noqa: F401 - re-exported for tests
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,12 @@
 """HGNetv2 backbone, LiteEncoder and HybridEncoder: official state-dict layout, golden parity, deploy fusion."""
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import golden_file, load_golden_module, load_manifest
 from torch import nn
 
 from deimv2_deploy.models.common import FusableConvNorm, RepConv3x3, get_activation
@@ -55,27 +52,12 @@ def _few_threads():
     torch.set_num_threads(previous)
 
 
-def _golden_dir() -> Path:
-    env = os.environ.get("DEIMV2_GOLDEN")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-    if not (path / "fill.py").is_file():
-        pytest.skip(f"golden cases not found at {path} (set DEIMV2_GOLDEN to the shared/golden folder)")
-    return path
-
-
 def _fill_module():
-    path = _golden_dir() / "fill.py"
-    spec = importlib.util.spec_from_file_location("deimv2_golden_fill", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_golden_module("fill")
 
 
 def _manifest(variant: str) -> dict:
-    path = _golden_dir() / f"{variant}.manifest.json"
-    if not path.is_file():
-        pytest.skip(f"manifest {path} absent")
-    return json.loads(path.read_text())
+    return load_manifest(variant)
 
 
 class _Parts(nn.Module):
@@ -162,10 +144,7 @@ def _check_samples(golden, name: str, outputs: list[torch.Tensor]) -> None:
 
 @pytest.mark.parametrize("variant", ["atto", "pico"])
 def test_golden_backbone_and_encoder(variant):
-    path = _golden_dir() / f"{variant}.golden.npz"
-    if not path.is_file():
-        pytest.skip(f"golden outputs {path} absent")
-    golden = np.load(path)
+    golden = np.load(golden_file(f"{variant}.golden.npz"))
     size = _manifest(variant)["eval_size"]
     parts = _filled(variant)
     images = _fill_module().golden_input(size[0], size[1])

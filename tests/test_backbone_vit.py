@@ -1,15 +1,12 @@
 """ViT + STA backbones of DEIMv2 s, m, l, x: state-dict layout, golden parity, any-size inputs."""
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import golden_file, load_golden_module, load_manifest
 from torch import nn
 
 from deimv2_deploy.models.dinov3 import DINOv3ViT, MaskedKBiasLinear, RopeEmbedding
@@ -24,24 +21,8 @@ def build_vit_sta_backbone(variant: str) -> ViTSTABackbone:
 VIT_VARIANTS = ("s", "m", "l", "x")
 
 
-def _golden_dir() -> Path:
-    env = os.environ.get("DEIMV2_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-
-
-def _golden_file(name: str) -> Path:
-    path = _golden_dir() / name
-    if not path.exists():
-        pytest.skip(f"golden file {path} not found (set DEIMV2_GOLDEN to the shared/golden folder)")
-    return path
-
-
 def _import_golden_module(name: str):
-    path = _golden_file(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"deimv2_golden_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_golden_module(name)
 
 
 class _Wrapper(nn.Module):
@@ -53,7 +34,7 @@ class _Wrapper(nn.Module):
 
 
 def _manifest_backbone(variant: str) -> list[dict]:
-    manifest = json.loads(_golden_file(f"{variant}.manifest.json").read_text())
+    manifest = load_manifest(variant)
     return [e for e in manifest["state_dict"] if e["name"].startswith("backbone.")]
 
 
@@ -111,7 +92,7 @@ def test_golden_backbone_outputs(variant):
     The golden samples were computed with `golden_input` as the model input itself (no ImageNet
     normalisation inside the model or before it): normalising first gives errors of ~5.
     """
-    golden = np.load(_golden_file(f"{variant}.golden.npz"))
+    golden = np.load(golden_file(f"{variant}.golden.npz"))
     fill = _import_golden_module("fill")
     model = _Wrapper(build_vit_sta_backbone(variant))
     model.load_state_dict(fill.fill_state_dict(model.state_dict()), strict=True)

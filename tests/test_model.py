@@ -3,15 +3,11 @@ other input sizes; plus the decoder's fixed functions, the postprocessor and the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import golden_dir, load_golden_module, load_manifest
 
 from deimv2_deploy import variants as variant_facts
 from deimv2_deploy.models import VARIANT_NAMES, VARIANTS, PostProcessor, build_model, get_variant, postprocess
@@ -25,33 +21,12 @@ ORIG_SIZES = torch.tensor([[640, 480]])  # (width, height), as the golden postpr
 # ------------------------------------------------------------------------------------------ golden files
 
 
-def _golden_dir() -> Path:
-    env = os.environ.get("DEIMV2_GOLDEN")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-    if not path.is_dir():
-        pytest.skip(f"golden cases not found at {path} (set DEIMV2_GOLDEN to the shared/golden folder)")
-    return path
-
-
 def _golden_module(name: str):
-    module_name = f"deimv2_golden_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = _golden_dir() / f"{name}.py"
-    if not path.exists():
-        pytest.skip(f"{path} not found (set DEIMV2_GOLDEN)")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses in compare.py look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_golden_module(name)
 
 
 def _manifest(variant: str) -> dict:
-    path = _golden_dir() / f"{variant}.manifest.json"
-    if not path.exists():
-        pytest.skip(f"manifest {path} not found")
-    return json.loads(path.read_text())
+    return load_manifest(variant)
 
 
 def _filled_model(variant: str) -> torch.nn.Module:
@@ -144,7 +119,7 @@ def test_golden_parity_and_deploy(variant):
     assert same.ok, same
     assert same.max_error < 1e-4
 
-    golden_path = _golden_dir() / f"{variant}.golden.npz"
+    golden_path = golden_dir() / f"{variant}.golden.npz"
     if not golden_path.exists():
         pytest.skip(f"golden outputs {golden_path.name} not provided for {variant} (layout and deploy checked)")
     golden = np.load(golden_path)
