@@ -24,6 +24,7 @@ from deimv2_deploy.exporters.openvino_export import (  # noqa: E402
     INT8_FLOAT_PATTERNS,
     INT8_FLOAT_TYPES,
     export_openvino,
+    int8_speed_note,
     select_calibration_images,
 )
 from deimv2_deploy.exporters.parity import (  # noqa: E402
@@ -217,6 +218,15 @@ def test_calibration_selection_is_spread_and_deterministic(calibration_dir):
     chosen = select_calibration_images(calibration_dir, 2)
     assert [p.name for p in chosen] == ["scene_0.png", "scene_2.png"]
     assert len(select_calibration_images(calibration_dir, 50)) == 5
+
+
+def test_int8_speed_note_only_for_x86_cpus_without_int8_dot_products():
+    avx2_only = {"AVX2": True, "AVX-512F": False, "AVX-512 VNNI": False, "AVX-VNNI": False, "AMX-INT8": False}
+    note = int8_speed_note(avx2_only)
+    assert note is not None and "no VNNI" in note and "deimv2-bench" in note
+    for flag in ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8"):
+        assert int8_speed_note({**avx2_only, flag: True}) is None, flag
+    assert int8_speed_note({}) is None  # not x86, or /proc/cpuinfo unreadable: nothing is claimed
 
 
 # --- async / throughput ------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["export_openvino", "add_openvino_arguments", "PRECISIONS", "SOURCES", "INT8_FLOAT_PATTERNS",
            "INT8_FLOAT_TYPES", "select_calibration_images", "calibration_inputs", "convert_from_onnx",
-           "convert_from_torch", "quantize_int8", "save_ir", "drift_summary", "REDUCED_PRECISION_TOLERANCES"]
+           "convert_from_torch", "quantize_int8", "save_ir", "drift_summary", "REDUCED_PRECISION_TOLERANCES",
+           "int8_speed_note"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SOURCES = ("auto", "onnx", "torch")
@@ -374,7 +375,26 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
         if drift is not None:
             print(f"INT8 drift vs the FP32 graph: {_describe(drift)}; top-100 per image: {drift['summary']}",
                   flush=True)
+        if precision == "int8":
+            from deimv2_deploy.benchmarks.sysinfo import cpu_info  # here: the benchmarks package imports exporters
+
+            note = int8_speed_note(cpu_info()["isa"])
+            if note:
+                print(note, flush=True)
     return ExportResult(final, spec, parity, steps.elapsed)
+
+
+def int8_speed_note(isa: Mapping[str, bool]) -> str | None:
+    """A warning for an x86 CPU without int8 dot-product instructions (VNNI, AMX), where OpenVINO's int8 linear
+    layers fall back to generic kernels slower than its FP32 ones; None where the CPU has them or is unknown."""
+    if not isa or "AVX2" not in isa:  # not x86 (or no /proc/cpuinfo): nothing known to say
+        return None
+    if any(isa.get(name) for name in ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8")):
+        return None
+    return ("note: this CPU has no int8 dot-product instructions (no VNNI, no AMX). Here OpenVINO INT8 is often no "
+            "faster than FP32, and slower on the ViT sizes s..x (benchmarks/cpu_int8.md: 0.84-0.94x on an AVX2 "
+            "EPYC; convolution-heavy atto..n gain 1.2-1.5x). The IR keeps its speed-up on CPUs that have them: "
+            "compare with `deimv2-bench --backends openvino --precision fp32,int8` on the target machine.")
 
 
 def _run(compiled: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
