@@ -39,23 +39,7 @@ import numpy as np
 
 from deimv2_deploy.drawing import annotate
 from deimv2_deploy.runtimes import load_runtime
-from deimv2_deploy.video import open_source, run_video
-
-
-def synthetic_video(path: Path, frames: int, size: tuple[int, int] = (854, 480), fps: float = 25.0) -> Path:
-    w, h = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    yy, xx = np.mgrid[0:h, 0:w]
-    background = np.dstack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)]).astype(np.uint8)
-    for i in range(frames):
-        f = background.copy()
-        cv2.rectangle(f, (20 + 3 * i % (w - 140), 60), (140 + 3 * i % (w - 140), 200), (40, 200, 40), -1)
-        cv2.circle(f, (w - 60 - 2 * i % (w - 120), 300 + int(60 * np.sin(i / 10))), 50, (30, 30, 220), -1)
-        cv2.ellipse(f, (w // 2, h - 80), (90, 40), 3 * i, 0, 360, (220, 180, 30), -1)
-        cv2.putText(f, f"{i:04d}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
-        writer.write(f)
-    writer.release()
-    return path
+from deimv2_deploy.video import open_source, run_video, write_synthetic_video
 
 
 def model_path(models_dir: Path, size: str) -> Path:
@@ -159,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("OpenVINO skipped: deimv2_deploy.runtimes.openvino_backend is missing in this checkout.")
     models_dir = Path(args.models_dir)
     tmp = Path(tempfile.mkdtemp(prefix="deimv2_video_bench_"))
-    video = Path(args.video) if args.video else synthetic_video(tmp / "synthetic.mp4", args.frames)
+    video = Path(args.video) if args.video else write_synthetic_video(tmp / "synthetic.mp4", args.frames)
     load_before = os.getloadavg()
 
     rows = []

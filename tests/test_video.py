@@ -23,34 +23,17 @@ from deimv2_deploy.video import (
     preview_unavailable_reason,
     run_video,
     stream,
+    write_synthetic_video,
 )
 
 FRAMES, WIDTH, HEIGHT, FPS = 130, 854, 480, 25.0
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
-def write_synthetic_video(path: Path, frames: int = FRAMES, size: tuple[int, int] = (WIDTH, HEIGHT),
-                          fps: float = FPS) -> Path:
-    """Moving shapes on a gradient, the frame number printed top-left."""
-    w, h = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    assert writer.isOpened()
-    yy, xx = np.mgrid[0:h, 0:w]
-    background = np.dstack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)]).astype(np.uint8)
-    for i in range(frames):
-        f = background.copy()
-        cv2.rectangle(f, (20 + 5 * i, 60), (140 + 5 * i, 200), (40, 200, 40), -1)
-        cv2.circle(f, (w - 60 - 4 * i, 300 + int(60 * np.sin(i / 10))), 50, (30, 30, 220), -1)
-        cv2.ellipse(f, (w // 2, h - 80), (90, 40), 3 * i, 0, 360, (220, 180, 30), -1)
-        cv2.putText(f, f"{i:03d}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
-        writer.write(f)
-    writer.release()
-    return path
-
-
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    return write_synthetic_video(tmp_path_factory.mktemp("video") / "moving_shapes.mp4")
+    return write_synthetic_video(tmp_path_factory.mktemp("video") / "moving_shapes.mp4", FRAMES,
+                                 (WIDTH, HEIGHT), FPS)
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +397,21 @@ def test_deimv2_infer_runs_a_video_through_the_pipeline(atto_path, video, tmp_pa
     status = main([str(atto_path), str(tmp_path / "missing.mp4"), "--no-progress"])
     assert status == 1
     assert "video not found" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_deimv2_infer_runs_openvino_videos_with_requests_in_flight(atto_path, video, tmp_path):
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    from deimv2_deploy.cli.infer import main
+
+    summary_path = tmp_path / "summary.json"
+    status = main([str(atto_path), str(video), "--backend", "openvino", "--output-dir", str(tmp_path), "--json",
+                   "--max-frames", "12", "--no-progress", "--summary-json", str(summary_path)])
+    assert status == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["runtime"]["backend"] == "openvino" and summary["runtime"]["performance_mode"] == "throughput"
+    records = [json.loads(line) for line in (tmp_path / "moving_shapes.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in records] == list(range(12))  # several requests in flight, order kept
 
 
 def test_video_cli_helpers():
