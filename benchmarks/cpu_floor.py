@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_profile import SIZES, model_gflops  # noqa: E402  (same FLOP count as the per-layer profile)
+from cpu_profile import SIZES, model_gflops, write_report  # noqa: E402  (same FLOP count as the per-layer profile)
 
 # Issue 10's target speed-ups over PyTorch eager (2 threads, batch 1, FP32, end to end).
 TARGET_SPEEDUP = {"atto": 6.1, "femto": 6.8, "pico": 5.8, "n": 4.1, "s": 2.4, "m": 2.0, "l": 3.2, "x": 2.9}
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "`target needs`: the share of the two threads' FP32 peak a graph would have to sustain, end to end "
               "(preprocessing and postprocessing included), to meet the target. Above 100%, the target is out of reach "
               "of FP32 arithmetic on this CPU. `ours runs at`: the same share for our measured end-to-end latency."]
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return write_report(lines, args.out)
 
 
 if __name__ == "__main__":

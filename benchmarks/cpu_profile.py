@@ -190,6 +190,15 @@ def profile_size(size: str, folder: Path, iters: int) -> dict[str, Any]:
             "gflops_per_s": {k: flops["total"] / (v / 1000) for k, v in ms.items()}, **breakdown}
 
 
+def write_report(lines: list[str], out: str | None) -> int:
+    """Print the markdown report and, with --out, write it there."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        Path(out).write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["all"])
@@ -231,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"- {backend}: import of the inference path {f['import_s']:.2f} s (torch imported: "
                          f"{f['torch_imported']}), load {f['load_s']:.2f} s, peak RSS after 5 predicts "
                          f"{f['peak_rss_mb']:.0f} MB")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return write_report(lines, args.out)
 
 
 if __name__ == "__main__":
