@@ -104,11 +104,11 @@ def export_and_infer(sizes: list[str], store: Path, image_path: Path, out_dir: P
 
 def video_demo(artifact: Path, out_dir: Path, frames: int = 120) -> Path:
     from deimv2_deploy.runtimes import load_runtime
-    from deimv2_deploy.video import run_video, write_synthetic_video
+    from deimv2_deploy.video import run_video, video_runtime_options, write_synthetic_video
 
     clip = write_synthetic_video(out_dir / "clip.mp4", frames=frames, size=(854, 480), fps=25)
     print(f"generated {clip} ({frames} frames, 854x480, 25 fps)")
-    runtime = load_runtime(artifact, threads=2)
+    runtime = load_runtime(artifact, threads=2, **video_runtime_options(artifact))
     # random weights score almost every query high: draw the ten best, as deimv2-infer does in the demo
     cap = 10 if runtime.spec.random_weights else None
     output = out_dir / "clip_annotated.mp4"

@@ -45,7 +45,7 @@ from deimv2_deploy.drawing import annotate
 from deimv2_deploy.preprocess import PreparedBatch
 
 __all__ = ["stream", "run_video", "VideoSummary", "VideoSourceError", "VideoSource", "open_source",
-           "preview_unavailable_reason", "partial_path", "write_synthetic_video", "STAGES"]
+           "preview_unavailable_reason", "partial_path", "write_synthetic_video", "video_runtime_options", "STAGES"]
 
 STAGES = ("decode", "preprocess", "infer", "draw+encode")
 DEFAULT_FPS = 25.0  # for sources that do not report one (many cameras and streams)
@@ -464,6 +464,19 @@ def partial_path(path: Path) -> Path:
 def _temp_path(path: Path) -> Path:
     # same folder (so the final rename is atomic) and same suffix (VideoWriter picks the container from it)
     return path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
+
+
+def video_runtime_options(artifact: str | os.PathLike, backend: str | None = None) -> dict[str, Any]:
+    """`load_runtime` options for a video pipeline, where the model shares the CPU with decoding, drawing and
+    encoding (benchmarks/video_pipeline.md, 2 cores): ONNX Runtime's idle workers sleep instead of spinning (atto
+    44 instead of 39 FPS), OpenVINO keeps one request per stream in flight (throughput mode: atto 70 instead of
+    58 FPS, pico 17.5 instead of 14.3). Frames keep their order either way."""
+    name, kind = str(artifact).lower(), (backend or "").lower()
+    if kind in ("onnxruntime", "ort", "onnx") or not kind and name.endswith(".onnx"):
+        return {"spinning": False}
+    if kind in ("openvino", "ov") or not kind and name.endswith(".xml"):
+        return {"mode": "throughput"}
+    return {}
 
 
 def write_synthetic_video(path: str | os.PathLike, frames: int = 120, size: tuple[int, int] = (854, 480),

@@ -414,6 +414,17 @@ def test_deimv2_infer_runs_openvino_videos_with_requests_in_flight(atto_path, vi
     assert [r["frame"] for r in records] == list(range(12))  # several requests in flight, order kept
 
 
+def test_video_runtime_options_per_backend():
+    from deimv2_deploy.video import video_runtime_options
+
+    assert video_runtime_options("m/deimv2_atto_fp32.onnx") == {"spinning": False}
+    assert video_runtime_options("m/deimv2_atto_fp32.xml") == {"mode": "throughput"}
+    assert video_runtime_options("m/deimv2_atto_fp32.onnx", "openvino") == {"mode": "throughput"}
+    assert video_runtime_options("m/deimv2_atto_fp32.onnx", "ORT") == {"spinning": False}
+    assert video_runtime_options("m/deimv2_atto_fp16.engine") == {}
+    assert video_runtime_options("checkpoint.pth", "torch") == {}
+
+
 def test_video_cli_helpers():
     from deimv2_deploy.cli.video_cli import default_outputs, looks_like_video
 

@@ -69,13 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
         options = {"threads": args.threads} if args.threads else {}
         video = _is_video(args)
-        backend = (args.backend or "").lower()
-        if video and (backend in ("", "onnxruntime", "ort", "onnx")) and str(args.artifact).endswith(".onnx"):
-            options["spinning"] = False  # leave the CPU to the decode/draw/encode threads between frames
-        if video and (backend in ("openvino", "ov") or not backend and str(args.artifact).endswith(".xml")):
-            # several requests in flight, one per stream: 1.2x the frames per second of one request on 2 cores
-            # (benchmarks/video_pipeline.md); frames still come out in order
-            options["mode"] = "throughput"
+        if video:
+            from deimv2_deploy.video import video_runtime_options
+
+            options.update(video_runtime_options(args.artifact, args.backend))
         t0 = time.perf_counter()
         runtime = load_runtime(args.artifact, backend=args.backend, device=args.device, variant=args.variant,
                                **options)
