@@ -393,7 +393,7 @@ def int8_speed_note(isa: Mapping[str, bool]) -> str | None:
         return None
     return ("note: this CPU has no int8 dot-product instructions (no VNNI, no AMX). Here OpenVINO INT8 is often no "
             "faster than FP32, and slower on the ViT sizes s..x (benchmarks/cpu_int8.md: 0.84-0.94x on an AVX2 "
-            "EPYC; convolution-heavy atto..n gain 1.2-1.5x). The IR keeps its speed-up on CPUs that have them: "
+            "EPYC; convolution-heavy atto..n gain 1.15-1.45x). The IR keeps its speed-up on CPUs that have them: "
             "compare with `deimv2-bench --backends openvino --precision fp32,int8` on the target machine.")
 
 
