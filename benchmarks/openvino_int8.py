@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from deimv2_deploy.benchmarks.sysinfo import INT8_DOT_PRODUCT, cpu_info, has_int8_dot_product
 from deimv2_deploy.exporters.openvino_export import drift_summary, export_openvino
 from deimv2_deploy.exporters.parity import match_detections, parity_images
 from deimv2_deploy.runtimes.openvino_backend import OpenVinoRuntime
@@ -134,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     import nncf
     import openvino
 
+    cpu = cpu_info()
     lines = [
         "# OpenVINO INT8 vs FP32 (CPU)",
         "",
         f"Made by `{' '.join(['.venv/bin/python', 'benchmarks/openvino_int8.py', *(argv or sys.argv[1:])])}` on "
         f"{dt.date.today().isoformat()}.",
-        f"Machine: {platform.machine()}, {_cpu_name()} ({_int8_isa()}), shared with other jobs (noisy: "
+        f"Machine: {platform.machine()}, {cpu['model']} ({_int8_isa(cpu['isa'])}), shared with other jobs (noisy: "
         "compare rows of one size, which were timed round-robin in one process, not across runs). "
         f"OpenVINO {openvino.get_version().split('-')[0]}, NNCF {nncf.__version__}.",
         f"Deterministic random weights; {args.threads} threads, batch 1, latency mode, median of per-call times; "
@@ -176,26 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _int8_isa() -> str:
+def _int8_isa(isa: dict[str, bool]) -> str:
     """The CPU features INT8 speed depends on: VNNI (or AMX) gives 8-bit dot products; plain AVX2 does not."""
-    try:
-        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-                    .split(":", 1)[1].split())
-    except (OSError, StopIteration):
+    found = [label for label in ("AVX2", "AVX-512F", *INT8_DOT_PRODUCT) if isa.get(label)]
+    dot = has_int8_dot_product(isa)
+    if dot is None:
         return "ISA unknown"
-    found = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    vnni = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    return f"{' '.join(found) or 'no AVX2'}; {'has' if vnni else 'NO'} INT8 dot-product instructions (VNNI/AMX)"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return f"{' '.join(found)}; {'has' if dot else 'NO'} INT8 dot-product instructions (VNNI/AMX)"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import datetime as dt
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from deimv2_deploy.benchmarks.sysinfo import cpu_info
 from deimv2_deploy.drawing import annotate
 from deimv2_deploy.runtimes import load_runtime
 from deimv2_deploy.video import open_source, run_video, write_synthetic_video
@@ -111,16 +111,6 @@ def load_config(onnx: Path, config: str, threads: int):
     return load_runtime(onnx, backend=backend, threads=threads, **options)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["atto", "pico"])
@@ -178,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Video pipeline vs model-only FPS",
         "",
         f"- date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; model on {args.threads} threads; "
+        f"- CPU: {cpu_info()['model']}, {os.cpu_count()} logical cores; model on {args.threads} threads; "
         f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs share this machine)",
         f"- command: `{command}`",
         f"- video: {'synthetic ' if not args.video else ''}{width}x{height}, {args.frames} frames per measurement, "

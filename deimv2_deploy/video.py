@@ -42,6 +42,7 @@ import numpy as np
 
 from deimv2_deploy.detections import Detections
 from deimv2_deploy.drawing import annotate
+from deimv2_deploy.media import atomic_path
 from deimv2_deploy.preprocess import PreparedBatch
 
 __all__ = ["stream", "run_video", "VideoSummary", "VideoSourceError", "VideoSource", "open_source",
@@ -485,32 +486,26 @@ def write_synthetic_video(path: str | os.PathLike, frames: int = 120, size: tupl
     benchmarks on machines without a camera or sample video. Written under a temporary name, renamed when done."""
     if frames < 1 or fps <= 0 or min(size) < 160:
         raise ValueError(f"need frames >= 1, fps > 0 and a size of at least 160x160, got {frames}, {fps}, {size}")
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(final)
     w, h = size
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write an mp4v video to {tmp} (is the folder writable?)")
     yy, xx = np.mgrid[0:h, 0:w]
     background = np.dstack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)]).astype(np.uint8)
-    try:
-        for i in range(frames):
-            frame = background.copy()
-            x = 20 + 5 * i % (w - 140)  # shapes wrap around instead of leaving a long clip's frame
-            cv2.rectangle(frame, (x, 60), (x + 120, 200), (40, 200, 40), -1)
-            cv2.circle(frame, (w - 60 - 4 * i % (w - 120), h // 2 + int(h / 8 * np.sin(i / 10))), 50,
-                       (30, 30, 220), -1)
-            cv2.ellipse(frame, (w // 2, h - 80), (90, 40), 3 * i, 0, 360, (220, 180, 30), -1)
-            cv2.putText(frame, f"{i:04d}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
-            writer.write(frame)
-    except BaseException:
-        writer.release()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.release()
-    os.replace(tmp, final)
-    return final
+    with atomic_path(path) as tmp:  # ends in .mp4: VideoWriter picks the container from the name
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot write an mp4v video to {tmp} (is the folder writable?)")
+        try:
+            for i in range(frames):
+                frame = background.copy()
+                x = 20 + 5 * i % (w - 140)  # shapes wrap around instead of leaving a long clip's frame
+                cv2.rectangle(frame, (x, 60), (x + 120, 200), (40, 200, 40), -1)
+                cv2.circle(frame, (w - 60 - 4 * i % (w - 120), h // 2 + int(h / 8 * np.sin(i / 10))), 50,
+                           (30, 30, 220), -1)
+                cv2.ellipse(frame, (w // 2, h - 80), (90, 40), 3 * i, 0, 360, (220, 180, 30), -1)
+                cv2.putText(frame, f"{i:04d}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
+                writer.write(frame)
+        finally:
+            writer.release()
+    return Path(path)
 
 
 def _json_record(index: int, timestamp: float, dets: Detections) -> str:

@@ -391,17 +391,26 @@ def _quiet_warnings() -> Iterator[None]:
         yield
 
 
-def _onnx_artifact(key: RowKey, config: BenchConfig, workdir: Path, row: BenchRow) -> tuple[Path, bool, float | None]:
-    """(path, reused, export seconds) of the ONNX file for this row; exported when not in the store."""
+def _stored_artifact(key: RowKey, config: BenchConfig, ext: str) -> Path | None:
+    """This row's artifact if the store has it: a dynamic-batch file serves every batch, else a fixed one of this
+    batch."""
     from deimv2_deploy.exporters.common import artifact_name
 
+    for batch in (None, key.batch):
+        path = config.store / artifact_name(key.size, key.precision, config.random_weights, batch, ext)
+        if path.exists():
+            return path
+    return None
+
+
+def _onnx_artifact(key: RowKey, config: BenchConfig, workdir: Path, row: BenchRow) -> tuple[Path, bool, float | None]:
+    """(path, reused, export seconds) of the ONNX file for this row; exported when not in the store."""
     if key.precision not in ("fp32", "fp16"):
         raise Skip(f"no {key.precision.upper()} ONNX export (INT8 is timed through OpenVINO + NNCF)")
     store = config.store
-    for batch in (None, key.batch):  # a dynamic-batch file serves every batch; else a fixed one of this batch
-        path = store / artifact_name(key.size, key.precision, config.random_weights, batch, ".onnx")
-        if path.exists():
-            return path, True, None
+    stored = _stored_artifact(key, config, ".onnx")
+    if stored is not None:
+        return stored, True, None
     checkpoint = _checkpoint(key.size, config)
     from deimv2_deploy.exporters.onnx_export import export_onnx
 
@@ -453,13 +462,10 @@ def _artifact_notes(spec: Any) -> list[str]:
 def _openvino_artifact(key: RowKey, config: BenchConfig, workdir: Path, row: BenchRow
                        ) -> tuple[Path, bool, float | None]:
     """(path, reused, export seconds) of the OpenVINO IR (.xml) for this row."""
-    from deimv2_deploy.exporters.common import artifact_name
-
     store = config.store
-    for batch in (None, key.batch):
-        path = store / artifact_name(key.size, key.precision, config.random_weights, batch, ".xml")
-        if path.exists():
-            return path, True, None
+    stored = _stored_artifact(key, config, ".xml")
+    if stored is not None:
+        return stored, True, None
     try:
         from deimv2_deploy.exporters import openvino_export
     except ImportError as e:
@@ -480,13 +486,11 @@ def _openvino_artifact(key: RowKey, config: BenchConfig, workdir: Path, row: Ben
 
 def _tensorrt_artifact(key: RowKey, config: BenchConfig, workdir: Path, row: BenchRow
                        ) -> tuple[Path, bool, float | None]:
-    from deimv2_deploy.exporters.common import artifact_name
-
+    """(path, reused, build seconds) of the TensorRT engine for this row."""
     store = config.store
-    for batch in (None, key.batch):
-        path = store / artifact_name(key.size, key.precision, config.random_weights, batch, ".engine")
-        if path.exists():
-            return path, True, None
+    stored = _stored_artifact(key, config, ".engine")
+    if stored is not None:
+        return stored, True, None
     try:
         from deimv2_deploy.exporters import tensorrt_export
     except ImportError as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["system_fingerprint", "cpu_info", "gpu_info", "library_versions", "device_name", "tier_of",
-           "command_line", "load_average", "ISA_FLAGS"]
+           "command_line", "load_average", "ISA_FLAGS", "INT8_DOT_PRODUCT", "has_int8_dot_product"]
 
 # /proc/cpuinfo flag -> how reports name it; the ones that decide CPU inference speed
 ISA_FLAGS = {
@@ -34,6 +34,18 @@ ISA_FLAGS = {
     "amx_int8": "AMX-INT8",
     "amx_bf16": "AMX-BF16",
 }
+
+# the ISA_FLAGS labels that give 8-bit dot products (what makes INT8 inference faster than FP32 on x86)
+INT8_DOT_PRODUCT = ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8")
+
+
+def has_int8_dot_product(isa: dict[str, bool]) -> bool | None:
+    """Whether an x86 CPU's `cpu_info()["isa"]` has int8 dot-product instructions; None when unknown (not x86,
+    or no /proc/cpuinfo)."""
+    if not isa or "AVX2" not in isa:
+        return None
+    return any(isa.get(label) for label in INT8_DOT_PRODUCT)
+
 
 # distribution names to report (the first installed of each group)
 _LIBRARIES = {

@@ -375,21 +375,20 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
         if drift is not None:
             print(f"INT8 drift vs the FP32 graph: {_describe(drift)}; top-100 per image: {drift['summary']}",
                   flush=True)
-        if precision == "int8":
-            from deimv2_deploy.benchmarks.sysinfo import cpu_info  # here: the benchmarks package imports exporters
-
-            note = int8_speed_note(cpu_info()["isa"])
-            if note:
-                print(note, flush=True)
+        note = int8_speed_note() if precision == "int8" else None
+        if note:
+            print(note, flush=True)
     return ExportResult(final, spec, parity, steps.elapsed)
 
 
-def int8_speed_note(isa: Mapping[str, bool]) -> str | None:
+def int8_speed_note(isa: Mapping[str, bool] | None = None) -> str | None:
     """A warning for an x86 CPU without int8 dot-product instructions (VNNI, AMX), where OpenVINO's int8 linear
-    layers fall back to generic kernels slower than its FP32 ones; None where the CPU has them or is unknown."""
-    if not isa or "AVX2" not in isa:  # not x86 (or no /proc/cpuinfo): nothing known to say
-        return None
-    if any(isa.get(name) for name in ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8")):
+    layers fall back to generic kernels slower than its FP32 ones; None where the CPU has them or is unknown.
+    `isa`: `cpu_info()["isa"]`, this machine's by default."""
+    # imported here: the benchmarks package imports the exporters
+    from deimv2_deploy.benchmarks.sysinfo import cpu_info, has_int8_dot_product
+
+    if has_int8_dot_product(cpu_info()["isa"] if isa is None else dict(isa)) is not False:
         return None
     return ("note: this CPU has no int8 dot-product instructions (no VNNI, no AMX). Here OpenVINO INT8 is often no "
             "faster than FP32, and slower on the ViT sizes s..x (benchmarks/cpu_int8.md: 0.84-0.94x on an AVX2 "
