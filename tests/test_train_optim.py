@@ -272,3 +272,39 @@ def test_recipe_scaled_keeps_proportions():
     assert r.scaled() == r
     with pytest.raises(ValueError, match="epochs"):
         r.scaled(epochs=0)
+
+
+# ------------------------------------------------------------------------------------------------- together
+
+
+def test_two_training_steps_on_a_real_model_with_other_classes():
+    """Criterion, optimiser, schedule, clipping and EMA as the training loop will use them (atto, 3 classes)."""
+    from deimv2_deploy.training import build_criterion
+    from deimv2_deploy.training.fake_outputs import random_targets
+
+    torch.manual_seed(0)
+    model = build_model("atto", num_classes=3).train()
+    recipe = get_recipe("atto").scaled(epochs=2, iters_per_epoch=2)
+    criterion = build_criterion("atto", num_classes=3, recipe=recipe)
+    optimizer = build_optimizer(model, recipe)
+    schedule = FlatCosineSchedule.from_recipe(optimizer, recipe, iters_per_epoch=2)
+    ema = ModelEMA(model, decay=recipe.ema_decay, warmups=recipe.ema_warmups)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targets = random_targets([2, 0], num_classes=3, seed=1)
+    images = torch.rand(2, 3, 320, 320)
+    for step in range(2):
+        losses = criterion(model(images, targets=targets), targets, epoch=step)
+        loss = sum(losses.values())
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_max_norm)
+        optimizer.step()
+        schedule.step()
+        ema.update(model)
+    assert schedule.last_iter == 1 and ema.updates == 2
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), start[n])]
+    assert len(moved) > 0.9 * sum(p.requires_grad for p in model.parameters())
+    assert torch.equal(model.decoder.up.detach(), start["decoder.up"])  # constants stay put
+    ema_w = ema.module.state_dict()["decoder.dec_score_head.0.weight"]
+    assert not torch.equal(ema_w, start["decoder.dec_score_head.0.weight"])
