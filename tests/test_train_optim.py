@@ -253,13 +253,14 @@ def test_recipe_scaled_keeps_proportions():
     s = get_recipe("s")
     short = s.scaled(epochs=33)  # a quarter
     assert short.epochs == 33 and short.flat_epoch == 16 and short.no_aug_epoch == 3 and short.stop_epoch == 30
-    assert short.policy_epochs == (1, 16, 30) and short.matcher_change_epoch == 25
+    assert short.matcher_change_epoch == 25
     assert short.warmup_iter == s.warmup_iter and short.ema_decay == s.ema_decay  # no iters_per_epoch: unchanged
     n = get_recipe("n").scaled(epochs=16)
     assert n.flat_epoch > n.epochs  # "never decay" stays past the end
     atto = get_recipe("atto").scaled(epochs=50)
-    assert atto.mixup_epochs[0] > atto.epochs and atto.copyblend_epochs[0] > atto.epochs  # "never" stays never
-    assert atto.stop_epoch == 47 and atto.policy_epochs == (0, 25, 40) and atto.matcher_change_epoch == 45
+    assert atto.stop_epoch == 47 and atto.no_aug_epoch == 3 and atto.matcher_change_epoch == 45
+    odd = get_recipe("n").scaled(epochs=21)  # stop_epoch rounds like the data pipeline's; no_aug follows it
+    assert odd.stop_epoch == round(148 * 21 / 160) and odd.no_aug_epoch == 21 - odd.stop_epoch
 
     # iteration constants follow the total length relative to the official COCO run
     r = get_recipe("atto")

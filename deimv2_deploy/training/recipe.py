@@ -1,10 +1,11 @@
-"""The official DEIMv2 COCO training recipe of every size, as one frozen table.
+"""The official DEIMv2 COCO optimisation recipe of every size, as one frozen table.
 
 Values come from the official configs (configs/base/{optimizer,dataloader,deimv2}.yml overridden by
 configs/deimv2/deimv2_hgnetv2_{atto,femto,pico,n}_coco.yml and deimv2_dinov3_{s,m,l,x}_coco.yml, the ones
-whose architectures the model zoo builds). Epoch fields count epochs of the official COCO run; use
-`recipe.scaled(epochs=N, iters_per_epoch=K)` for a shorter run or another dataset: it keeps every
-proportion of the official schedule.
+whose architectures the model zoo builds): schedule, AdamW groups, EMA, clipping, criterion. The data-pipeline
+constants (augmentation policy epochs, mosaic, mixup, copy-blend, multi-scale) are in `training.augment_recipe`.
+Epoch fields count epochs of the official COCO run; use `recipe.scaled(epochs=N, iters_per_epoch=K)` for a
+shorter run or another dataset: it keeps every proportion of the official schedule.
 
     recipe = get_recipe("atto").scaled(epochs=60, iters_per_epoch=len(loader))
 """
@@ -82,18 +83,9 @@ class TrainRecipe:
     weight_decay: float
     param_groups: tuple[ParamGroupRule, ...]
     batch_size: int  # total over all GPUs of the official run
-    # data pipeline (Dense O2O); policy_epochs = (mosaic/aug start, mosaic stop, aug stop)
-    policy_epochs: tuple[int, int, int]
-    mosaic_prob: float
-    mosaic_output_size: int
-    mixup_prob: float
-    mixup_epochs: tuple[int, int]
-    copyblend_prob: float
-    copyblend_epochs: tuple[int, int]
-    stop_epoch: int  # multi-scale ends and the EMA restarts from the best stage-1 checkpoint here
-    base_size: int
-    base_size_repeat: int | None
-    sanitize_min_size: int
+    # = epochs - no_aug_epoch: augmentation and multi-scale stop here, and the official loop restarts from its
+    # best stage-1 checkpoint (model, EMA, optimiser) with the EMA decay set to ema_restart_decay
+    stop_epoch: int
     # criterion
     losses: tuple[str, ...]
     use_uni_set: bool
@@ -141,13 +133,10 @@ class TrainRecipe:
                 return new_epochs
             return new_epochs + max(1, round((x - self.epochs) * f))  # past the end stays past the end
 
-        no_aug = ep(self.no_aug_epoch)
-        stop = new_epochs - no_aug if self.stop_epoch == self.epochs - self.no_aug_epoch else ep(self.stop_epoch)
+        stop = ep(self.stop_epoch)
+        no_aug = new_epochs - stop if self.stop_epoch == self.epochs - self.no_aug_epoch else ep(self.no_aug_epoch)
         changes: dict = dict(
             epochs=new_epochs, flat_epoch=ep(self.flat_epoch), no_aug_epoch=no_aug, stop_epoch=stop,
-            policy_epochs=tuple(ep(e) for e in self.policy_epochs),
-            mixup_epochs=tuple(ep(e) for e in self.mixup_epochs),
-            copyblend_epochs=tuple(ep(e) for e in self.copyblend_epochs),
             matcher_change_epoch=ep(self.matcher_change_epoch),
         )
         if iters_per_epoch is not None:
@@ -171,58 +160,40 @@ class TrainRecipe:
         return out
 
 
-def _lite(size: str, *, input_size: int, lr: float, backbone_lr: float, head_pattern: str, mosaic_prob: float,
-          min_size: int) -> TrainRecipe:
-    """atto, femto, pico: LiteEncoder, 500 epochs at batch 128, no mixup / copy-blend, mal + boxes only."""
+def _lite(size: str, *, input_size: int, lr: float, backbone_lr: float, head_pattern: str) -> TrainRecipe:
+    """atto, femto, pico: LiteEncoder, 500 epochs at batch 128, mal + boxes only, no union set."""
     return TrainRecipe(
         size=size, input_size=input_size, epochs=500, flat_epoch=250, no_aug_epoch=32, warmup_iter=4000,
         lr_gamma=0.5, lr=lr, backbone_lr=backbone_lr, weight_decay=0.0001,
-        param_groups=_hgnet_groups(backbone_lr, head_pattern), batch_size=128,
-        policy_epochs=(4, 250, 400), mosaic_prob=mosaic_prob, mosaic_output_size=input_size // 2,
-        mixup_prob=0.0, mixup_epochs=(40000, 15000), copyblend_prob=0.0, copyblend_epochs=(40000, 15000),
-        stop_epoch=468, base_size=input_size, base_size_repeat=None, sanitize_min_size=min_size,
+        param_groups=_hgnet_groups(backbone_lr, head_pattern), batch_size=128, stop_epoch=468,
         losses=("mal", "boxes"), use_uni_set=False, matcher_change_epoch=450,
     )
 
 
 def _vit(size: str, *, epochs: int, flat: int, no_aug: int, backbone_lr: float, weight_decay: float,
-         policy: tuple[int, int, int], repeat: int, matcher_change_epoch: int) -> TrainRecipe:
-    """s, m, l, x: DINOv3 / ViT-Tiny backbones with STA, batch 32, the full Dense O2O pipeline."""
+         matcher_change_epoch: int) -> TrainRecipe:
+    """s, m, l, x: DINOv3 / ViT-Tiny backbones with STA, batch 32, mal + boxes + local on the union set."""
     return TrainRecipe(
         size=size, input_size=640, epochs=epochs, flat_epoch=flat, no_aug_epoch=no_aug, warmup_iter=2000,
         lr_gamma=0.5, lr=0.0005, backbone_lr=backbone_lr, weight_decay=weight_decay,
-        param_groups=_dinov3_groups(backbone_lr), batch_size=32,
-        policy_epochs=policy, mosaic_prob=0.5, mosaic_output_size=320,
-        mixup_prob=0.5, mixup_epochs=(policy[0], policy[1]), copyblend_prob=0.5,
-        copyblend_epochs=(policy[0], policy[2]), stop_epoch=policy[2], base_size=640, base_size_repeat=repeat,
-        sanitize_min_size=1, losses=("mal", "boxes", "local"), use_uni_set=True,
-        matcher_change_epoch=matcher_change_epoch,
+        param_groups=_dinov3_groups(backbone_lr), batch_size=32, stop_epoch=epochs - no_aug,
+        losses=("mal", "boxes", "local"), use_uni_set=True, matcher_change_epoch=matcher_change_epoch,
     )
 
 
 RECIPES: dict[str, TrainRecipe] = {
-    "atto": _lite("atto", input_size=320, lr=0.002, backbone_lr=0.001, head_pattern=_HEAD_NORM, mosaic_prob=0.3,
-                  min_size=12),
-    "femto": _lite("femto", input_size=416, lr=0.0016, backbone_lr=0.0008, head_pattern=_HEAD_NORM_BIAS,
-                   mosaic_prob=0.5, min_size=10),
-    "pico": _lite("pico", input_size=640, lr=0.0016, backbone_lr=0.0008, head_pattern=_HEAD_NORM_BIAS,
-                  mosaic_prob=0.5, min_size=8),
+    "atto": _lite("atto", input_size=320, lr=0.002, backbone_lr=0.001, head_pattern=_HEAD_NORM),
+    "femto": _lite("femto", input_size=416, lr=0.0016, backbone_lr=0.0008, head_pattern=_HEAD_NORM_BIAS),
+    "pico": _lite("pico", input_size=640, lr=0.0016, backbone_lr=0.0008, head_pattern=_HEAD_NORM_BIAS),
     "n": TrainRecipe(
         size="n", input_size=640, epochs=160, flat_epoch=7800, no_aug_epoch=12, warmup_iter=2000, lr_gamma=1.0,
         lr=0.0008, backbone_lr=0.0004, weight_decay=0.0001, param_groups=_hgnet_groups(0.0004, _HEAD_NORM_BIAS),
-        batch_size=32, policy_epochs=(4, 78, 148), mosaic_prob=0.5, mosaic_output_size=320, mixup_prob=0.5,
-        mixup_epochs=(4, 78), copyblend_prob=0.4, copyblend_epochs=(4, 78), stop_epoch=148, base_size=640,
-        base_size_repeat=None, sanitize_min_size=1, losses=("mal", "boxes", "local"), use_uni_set=True,
-        matcher_change_epoch=136,
+        batch_size=32, stop_epoch=148, losses=("mal", "boxes", "local"), use_uni_set=True, matcher_change_epoch=136,
     ),
-    "s": _vit("s", epochs=132, flat=64, no_aug=12, backbone_lr=0.000025, weight_decay=0.0001, policy=(4, 64, 120),
-              repeat=20, matcher_change_epoch=100),
-    "m": _vit("m", epochs=102, flat=49, no_aug=12, backbone_lr=0.000025, weight_decay=0.0001, policy=(4, 49, 90),
-              repeat=6, matcher_change_epoch=80),
-    "l": _vit("l", epochs=68, flat=34, no_aug=8, backbone_lr=0.0000125, weight_decay=0.000125, policy=(4, 34, 60),
-              repeat=3, matcher_change_epoch=50),
-    "x": _vit("x", epochs=58, flat=29, no_aug=8, backbone_lr=0.00001, weight_decay=0.000125, policy=(4, 29, 50),
-              repeat=3, matcher_change_epoch=45),
+    "s": _vit("s", epochs=132, flat=64, no_aug=12, backbone_lr=0.000025, weight_decay=0.0001, matcher_change_epoch=100),
+    "m": _vit("m", epochs=102, flat=49, no_aug=12, backbone_lr=0.000025, weight_decay=0.0001, matcher_change_epoch=80),
+    "l": _vit("l", epochs=68, flat=34, no_aug=8, backbone_lr=0.0000125, weight_decay=0.000125, matcher_change_epoch=50),
+    "x": _vit("x", epochs=58, flat=29, no_aug=8, backbone_lr=0.00001, weight_decay=0.000125, matcher_change_epoch=45),
 }
 RECIPE_NAMES = tuple(RECIPES)
 
@@ -238,8 +209,6 @@ def get_recipe(size: str) -> TrainRecipe:
 def _check_table() -> None:
     # Cheap invariants of the table, so an edit that breaks one fails at import, not mid-training.
     for r in RECIPES.values():
-        if not (0 <= r.policy_epochs[0] <= r.policy_epochs[1] <= r.policy_epochs[2] <= r.epochs):
-            raise RuntimeError(f"recipe {r.size}: policy_epochs {r.policy_epochs} out of order")
         if r.epochs - r.no_aug_epoch != r.stop_epoch:
             raise RuntimeError(f"recipe {r.size}: stop_epoch {r.stop_epoch} != epochs - no_aug_epoch")
 
