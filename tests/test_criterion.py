@@ -352,3 +352,19 @@ def test_real_model_chain_atto():
 @pytest.mark.slow
 def test_real_model_chain_n():
     _check_chain("n", "n_seed2")
+
+
+def test_union_matching_equals_a_plain_reference_on_random_matchings():
+    """The vectorised union against the same rule spelled out pair by pair (counts sorted as torch sorts them)."""
+    g = torch.Generator().manual_seed(18)
+    for trial in range(20):
+        n_targets = int(torch.randint(1, 15, (1,), generator=g))
+        stages = [[(torch.randperm(40, generator=g)[:n_targets], torch.randperm(n_targets, generator=g))]
+                  for _ in range(int(torch.randint(1, 7, (1,), generator=g)))]
+        pairs = torch.cat([torch.stack(m[0], dim=1) for m in stages])
+        unique, counts = torch.unique(pairs, return_counts=True, dim=0)
+        best: dict[int, int] = {}
+        for q, t in unique[torch.argsort(counts, descending=True)].tolist():
+            best.setdefault(q, t)
+        (q, t), = union_matching(stages)
+        assert list(zip(q.tolist(), t.tolist(), strict=True)) == list(best.items()), trial

@@ -58,8 +58,9 @@ class _Pairs:
 
 
 def union_matching(stages: Sequence[Sequence[Matching]]) -> list[Matching]:
-    """Per image, the union of several matchings: each query keeps the target it was matched to most often
-    (ties: the smaller target index); pairs ordered by count (descending), then query, then target."""
+    """Per image, the union of several matchings: each query keeps the target it was matched to most often;
+    pairs ordered by count, most frequent first. Equal counts are ordered as the official code orders them (below):
+    by (query, target) when few pairs share a count, so the smaller target index wins."""
     result: list[Matching] = []
     for per_stage in zip(*stages, strict=True):
         rows = torch.cat([m[0] for m in per_stage])
@@ -69,7 +70,9 @@ def union_matching(stages: Sequence[Sequence[Matching]]) -> list[Matching]:
             continue
         width = int(cols.max()) + 1
         keys, counts = torch.unique(rows * width + cols, return_counts=True)  # sorted by (query, target)
-        order = torch.sort(-counts, stable=True).indices  # most frequent first, ties stay (query, target) sorted
+        # most frequent first. Ties keep the (query, target) order for short lists; longer ones come in the order of
+        # torch's (unstable) CPU sort, which is what the official code uses: the same call on the same counts
+        order = torch.argsort(counts, descending=True)
         keys = keys[order]
         q, t = keys // width, keys % width
         uniq, inverse = torch.unique(q, return_inverse=True)
