@@ -10,6 +10,7 @@ ground truth in that area range) is None.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import sys
@@ -72,8 +73,9 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]],
     `image_ids` restricts the evaluation to those images (None: all the ground truth lists).
     """
     lib = _import_evaluator()
-    gt_data = {k: ground_truth[k] for k in ("images", "annotations", "categories")}
-    gt_data["info"] = ground_truth.get("info", {})
+    # the library adds fields to the dicts it is given: hand it copies
+    gt_data = copy.deepcopy({k: ground_truth[k] for k in ("images", "annotations", "categories")})
+    gt_data["info"] = copy.deepcopy(ground_truth.get("info", {}))
     with contextlib.redirect_stdout(io.StringIO()):  # the library logs its progress
         gt = lib.COCO(gt_data)
         dt = gt.loadRes([dict(r) for r in results])
