@@ -29,18 +29,18 @@ __all__ = ["METRIC_KEYS", "evaluate", "evaluate_dataset", "coco_results", "coco_
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _METRIC_TEXT = {  # the rows of pycocotools' summary, for the printed table
-    "AP": "AP    @[IoU=0.50:0.95 | area=all    | maxDets=100]",
-    "AP50": "AP    @[IoU=0.50      | area=all    | maxDets=100]",
-    "AP75": "AP    @[IoU=0.75      | area=all    | maxDets=100]",
-    "APs": "AP    @[IoU=0.50:0.95 | area=small  | maxDets=100]",
-    "APm": "AP    @[IoU=0.50:0.95 | area=medium | maxDets=100]",
-    "APl": "AP    @[IoU=0.50:0.95 | area=large  | maxDets=100]",
-    "AR1": "AR    @[IoU=0.50:0.95 | area=all    | maxDets=1  ]",
-    "AR10": "AR    @[IoU=0.50:0.95 | area=all    | maxDets=10 ]",
-    "AR100": "AR    @[IoU=0.50:0.95 | area=all    | maxDets=100]",
-    "ARs": "AR    @[IoU=0.50:0.95 | area=small  | maxDets=100]",
-    "ARm": "AR    @[IoU=0.50:0.95 | area=medium | maxDets=100]",
-    "ARl": "AR    @[IoU=0.50:0.95 | area=large  | maxDets=100]",
+    "AP": "@[IoU=0.50:0.95 | area=all    | maxDets=100]",
+    "AP50": "@[IoU=0.50      | area=all    | maxDets=100]",
+    "AP75": "@[IoU=0.75      | area=all    | maxDets=100]",
+    "APs": "@[IoU=0.50:0.95 | area=small  | maxDets=100]",
+    "APm": "@[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "APl": "@[IoU=0.50:0.95 | area=large  | maxDets=100]",
+    "AR1": "@[IoU=0.50:0.95 | area=all    | maxDets=1  ]",
+    "AR10": "@[IoU=0.50:0.95 | area=all    | maxDets=10 ]",
+    "AR100": "@[IoU=0.50:0.95 | area=all    | maxDets=100]",
+    "ARs": "@[IoU=0.50:0.95 | area=small  | maxDets=100]",
+    "ARm": "@[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "ARl": "@[IoU=0.50:0.95 | area=large  | maxDets=100]",
 }
 
 
@@ -189,9 +189,13 @@ def format_metrics(result: dict[str, Any], per_class: bool = False) -> str:
 
     lines = [f" {key:<6} {_METRIC_TEXT[key]} = {value(result[key])}" for key in METRIC_KEYS]
     if per_class and result.get("per_class"):
-        width = max(len(c["name"]) for c in result["per_class"])
+        present = [c for c in result["per_class"] if c["objects"]]
+        width = max([len(c["name"]) for c in present] + [5])
         lines.append("")
         lines.append(f" {'class':<{width}}  {'id':>5}  {'objects':>7}  {'AP':>6}")
-        for c in result["per_class"]:
+        for c in present:
             lines.append(f" {c['name']:<{width}}  {c['category_id']:>5}  {c['objects']:>7}  {value(c['AP'])}")
+        absent = len(result["per_class"]) - len(present)
+        if absent:
+            lines.append(f" ({absent} categories without objects in these images not shown)")
     return "\n".join(lines)

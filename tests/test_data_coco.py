@@ -169,6 +169,11 @@ def test_resolve_layouts(tmp_path):
     assert resolve_dataset(rf, split="val").images_dir == rf / "valid"
     with pytest.raises(DatasetError, match="no 'train' split"):
         resolve_dataset(coco, split="train")
+    (coco / "annotations" / "instances_train.json").write_text("{}")
+    with pytest.raises(DatasetError, match="but no image folder for it"):
+        resolve_dataset(coco, split="train")
+    (coco / "images" / "train").mkdir(parents=True)
+    assert resolve_dataset(coco, split="train").images_dir == coco / "images" / "train"
     with pytest.raises(DatasetError, match="not both"):
         resolve_dataset(coco, images=tmp_path)
     with pytest.raises(DatasetError, match="no image folder given"):

@@ -173,7 +173,7 @@ def test_evaluation_leaves_the_dataset_untouched_and_honours_max_images(separate
     assert json.dumps(dataset.coco_json, sort_keys=True) == before
     assert result["images"] == 2 and result["detections"] == 6 and result["dataset"]["images_total"] == 6
     text = format_metrics(result, per_class=True)
-    assert "AP    @[IoU=0.50:0.95 | area=all    | maxDets=100]" in text and "circle" in text
+    assert " AR100  @[IoU=0.50:0.95 | area=all    | maxDets=100] =" in text and " circle " in text
 
 
 def test_dataset_without_objects_is_an_error(separated, tmp_path):
@@ -248,7 +248,8 @@ def test_deimv2_val_equals_pycocotools_on_the_same_runtime(atto_onnx, coco80_fro
     assert val_main([str(atto_onnx.path), "--images", str(root / "images"), "--annotations", str(ann),
                      "--json", str(out), "--batch", "4", "--quiet", "--per-class"]) == 0
     printed = capsys.readouterr().out
-    assert "AP    @[IoU=0.50:0.95 | area=all    | maxDets=100]" in printed and "toothbrush" in printed
+    assert " AP     @[IoU=0.50:0.95 | area=all    | maxDets=100] =" in printed
+    assert " objects      AP" in printed and "categories without objects in these images not shown" in printed
     result = json.loads(out.read_text())
     # the independent path: the same runtime's top-300 detections, converted here, scored by pycocotools
     runtime = load_runtime(atto_onnx.path)

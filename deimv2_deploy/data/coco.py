@@ -329,7 +329,8 @@ def resolve_dataset(dataset: str | os.PathLike | None = None, images: str | os.P
     """Images folder + annotation file from explicit paths, or from a dataset folder in a standard layout.
 
     Layouts recognised under `dataset` for `split` (also `<split>2017`, and `valid` for val):
-    `DIR/annotations/instances_<split>.json` + `DIR/<split>/` (COCO, `deimv2-data synth`), and
+    `DIR/annotations/instances_<split>.json` + `DIR/<split>/` (COCO, `deimv2-data synth`; or `DIR/images/<split>/`,
+    `DIR/images/`), and
     `DIR/<split>/_annotations.coco.json` with the images beside it (Roboflow). With only `annotations` given,
     the images are looked for where the COCO layout puts them (`../<split>/` next to `annotations/`).
     """
@@ -352,15 +353,19 @@ def resolve_dataset(dataset: str | os.PathLike | None = None, images: str | os.P
     root = Path(dataset)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
-    tried = []
-    for name in _split_names(split):
-        ann, img = root / "annotations" / f"instances_{name}.json", root / name
-        tried.append(str(ann.relative_to(root)))
-        if ann.is_file() and img.is_dir():
-            return DatasetPaths(img, ann)
+    names = _split_names(split)
+    for name in names:
+        ann = root / "annotations" / f"instances_{name}.json"
+        if ann.is_file():
+            for img in (root / name, root / "images" / name, root / "images"):
+                if img.is_dir():
+                    return DatasetPaths(img, ann)
+            raise DatasetError(f"found {ann} but no image folder for it ({root / name}/ or {root / 'images'}/); "
+                               "pass --images DIR")
         ann = root / name / "_annotations.coco.json"
-        tried.append(str(ann.relative_to(root)))
         if ann.is_file():
             return DatasetPaths(root / name, ann)
-    raise DatasetError(f"{root} holds no {split!r} split in a known layout (looked for {', '.join(tried)}); "
+    alternatives = ",".join(names)
+    raise DatasetError(f"{root} holds no {split!r} split in a known layout (looked for "
+                       f"annotations/instances_{{{alternatives}}}.json and {{{alternatives}}}/_annotations.coco.json); "
                        "pass --images and --annotations")

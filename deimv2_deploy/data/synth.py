@@ -244,22 +244,28 @@ def _paint(image: np.ndarray, origin: tuple[int, int], mask: np.ndarray, rng: np
         region[mask & ~inner] = np.minimum(colour * factor, 255).astype(np.uint8)
 
 
-def _mean_under(image: np.ndarray, origin: tuple[int, int], mask: np.ndarray) -> np.ndarray:
+def _backdrop(image: np.ndarray, origin: tuple[int, int], mask: np.ndarray) -> np.ndarray:
+    """float32 (n <= 256, 3): an even sample of the pixels `mask` will cover (background, clutter, objects)."""
     h, w = mask.shape
-    window = image[origin[1]:origin[1] + h, origin[0]:origin[0] + w]
-    return np.array(cv2.mean(window, mask=np.ascontiguousarray(mask).view(np.uint8))[:3], np.float32)
+    ys, xs = np.nonzero(mask)
+    step = max(1, len(ys) // 256)
+    return image[origin[1] + ys[::step], origin[0] + xs[::step]].astype(np.float32)
 
 
 def _distinct_colour(rng: np.random.Generator, behind: np.ndarray) -> np.ndarray:
-    """A colour that stands out from the mean colour it will cover (70 levels apart in RGB, if it can)."""
-    best, best_d = None, -1.0
+    """A colour that stands out from what it will cover: far from its mean colour, and close to few of its
+    pixels (so a shape on stripes, or on an object of its own colour, keeps its silhouette)."""
+    mean = behind.mean(axis=0)
+    best, best_score = None, np.inf
     for _ in range(12):
         c = _random_colour(rng, sat=(0.2, 1.0), val=(0.25, 1.0))
-        d = float(np.linalg.norm(c - behind))
-        if d >= 70:
+        near = float(np.mean(np.abs(behind - c).max(axis=1) < 40))
+        far = float(np.linalg.norm(c - mean)) >= 60
+        if near <= 0.1 and far:
             return c
-        if d > best_d:
-            best, best_d = c, d
+        score = near + (0 if far else 1)
+        if score < best_score:
+            best, best_score = c, score
     return best  # type: ignore[return-value]
 
 
@@ -354,8 +360,7 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 320) -> Sy
         mask, origin = full[box[1]:box[3], box[0]:box[2]], (box[0], box[1])
         if on_top and not layers.allows(mask, origin):
             return
-        backdrop = _mean_under(image, origin, mask)
-        _paint(image, origin, mask, rng, _distinct_colour(rng, backdrop))
+        _paint(image, origin, mask, rng, _distinct_colour(rng, _backdrop(image, origin, mask)))
         layers.cover(mask, origin, None)
 
     clutter = int(rng.integers(0, 7))
@@ -402,8 +407,7 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 320) -> Sy
             continue
         mask, (ox, oy) = placed
         h, w = mask.shape
-        backdrop = _mean_under(image, (ox, oy), mask)
-        _paint(image, (ox, oy), mask, rng, _distinct_colour(rng, backdrop))
+        _paint(image, (ox, oy), mask, rng, _distinct_colour(rng, _backdrop(image, (ox, oy), mask)))
         index_ = len(objects)
         layers.boxes.append((ox, oy, ox + w, oy + h))
         layers.pixels.append(int(mask.sum()))
