@@ -17,12 +17,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 
 from deimv2_deploy.data.categories import CategoryMapping, match_categories
 from deimv2_deploy.data.coco import CocoDataset, DatasetError, load_coco
 from deimv2_deploy.detections import Detections
-from deimv2_deploy.media import read_image
 
 __all__ = ["METRIC_KEYS", "evaluate", "evaluate_dataset", "coco_results", "coco_metrics", "evaluator_info",
            "format_metrics"]
@@ -162,10 +162,15 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
 
 
 def _read_checked(record: Any) -> np.ndarray:
+    """The image as its annotations see it: stored pixel orientation (EXIF rotation not applied, as PIL's
+    Image.open in the official evaluation), and the size the annotation file states."""
     try:
-        image = read_image(record.file)
-    except (FileNotFoundError, IsADirectoryError, ValueError) as e:
-        raise DatasetError(f"cannot read image {record.id}: {e}") from None
+        data = np.fromfile(str(record.file), dtype=np.uint8)
+    except OSError as e:
+        raise DatasetError(f"cannot read image {record.file}: {e.strerror or e}") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if image is None:
+        raise DatasetError(f"cannot decode image {record.file} (empty, corrupt or not an image); fix or remove it")
     if image.shape[:2] != (record.height, record.width):
         raise DatasetError(f"image {record.file} is {image.shape[1]}x{image.shape[0]} but the annotation file says "
                            f"{record.width}x{record.height}: its boxes would not match; fix the file's width/height")

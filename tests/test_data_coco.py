@@ -214,7 +214,7 @@ def test_coco_model_on_a_three_class_dataset_names_both_sides():
         match_categories(COCO_CLASSES, None, cats, model="model.onnx", dataset="shapes.json")
     msg = str(e.value)
     assert "model.onnx has 80 classes (person" in msg and "shapes.json has 3 classes (circle, square, star" in msg
-    assert "shapes.json lacks the model's ids 4, 5" in msg and "\n" not in msg
+    assert "the dataset lacks the model's ids 4, 5" in msg and "\n" not in msg
 
 
 def test_custom_model_maps_through_its_category_ids():

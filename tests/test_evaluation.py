@@ -279,6 +279,13 @@ def _write(path: Path, data) -> Path:
     return path
 
 
+def _as_coco80(data: dict) -> None:
+    """The shapes dataset relabelled with COCO's 80 categories, so that a COCO model evaluates on it."""
+    for a in data["annotations"]:
+        a["category_id"] = COCO_CATEGORY_IDS[a["category_id"] - 1]
+    data["categories"] = [{"id": c, "name": n} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
+
+
 @pytest.mark.parametrize("case, words", [
     ("missing", "annotation file not found"),
     ("not_json", "not valid JSON"),
@@ -288,6 +295,8 @@ def _write(path: Path, data) -> Path:
     ("unknown_category", "refer to category ids the file does not list (999)"),
     ("unknown_image", "refer to image ids the file does not list (4242)"),
     ("no_objects", "nothing to measure"),
+    ("corrupt", "cannot decode image"),
+    ("wrong_size", "is 192x192 but the annotation file says 200x192"),
     ("mismatch", "has 80 classes (person"),
     ("precision", "--precision does not apply to onnxruntime"),
 ])
@@ -315,6 +324,18 @@ def test_deimv2_val_bad_input(case, words, atto_onnx, synth_val, tmp_path, capsy
         _write(ann, good)
     elif case == "no_objects":
         _write(ann, {**good, "annotations": []})
+    elif case == "corrupt":
+        _as_coco80(good)
+        images = tmp_path / "images"
+        images.mkdir()
+        for im in good["images"]:
+            (images / im["file_name"]).write_bytes((synth_val / "val" / im["file_name"]).read_bytes())
+        (images / good["images"][4]["file_name"]).write_bytes(b"not a jpeg")
+        _write(ann, good)
+    elif case == "wrong_size":
+        _as_coco80(good)
+        good["images"][2]["width"] = 200
+        _write(ann, good)
     elif case == "mismatch":
         _write(ann, good)  # the 8 shape classes; the artifact is an 80-class COCO model
         words += " ... but the dataset (instances.json) has 8 classes (circle"
@@ -375,3 +396,22 @@ def test_evaluation_and_synth_import_no_torch():
     code = ("import sys, deimv2_deploy.evaluation, deimv2_deploy.data.synth, deimv2_deploy.cli.val, "
             "deimv2_deploy.cli.data; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_images_are_read_in_stored_orientation(tmp_path):
+    """EXIF rotation is not applied (as the official evaluation's PIL Image.open): boxes refer to stored pixels."""
+    from PIL import Image
+
+    from deimv2_deploy.data.coco import ImageRecord
+    from deimv2_deploy.evaluation import _read_checked
+
+    pixels = np.zeros((40, 100, 3), np.uint8)
+    pixels[:, :50] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif)
+    record = ImageRecord(1, path, 100, 40, np.zeros((0, 4)), np.zeros(0), np.zeros(0), np.zeros(0))
+    image = _read_checked(record)
+    assert image.shape == (40, 100, 3) and image[:, :50].mean() > 200 and image[:, 60:].mean() < 50
+    assert read_image(path).shape[:2] == (100, 40)  # what an EXIF-applying reader would have scored instead

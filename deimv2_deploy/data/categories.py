@@ -118,7 +118,7 @@ def match_categories(class_names: Sequence[str], category_ids: Sequence[int] | N
         extra = sorted(set(ids) - set(data_ids))
         detail = []
         if extra:
-            detail.append(f"{dataset} lacks the model's {_ids_text(extra, 5)}")
+            detail.append(f"the dataset lacks the model's {_ids_text(extra, 5)}")
         if lacking:
             detail.append(f"the model lacks the dataset's {_ids_text(lacking, 5)}")
         raise CategoryMismatchError(f"{_side(model, names, ids)} but {_side(dataset, data_names, data_ids)}: "
