@@ -57,28 +57,56 @@ def evaluator_info() -> dict[str, str]:
     return {"name": "faster-coco-eval", "version": str(getattr(lib, "__version__", "unknown"))}
 
 
-def coco_results(detections: Detections, image_id: int, mapping: CategoryMapping) -> list[dict[str, Any]]:
-    """One image's detections as COCO result entries (bbox xywh in pixels, category id, score)."""
+def coco_results(detections: Detections, image_id: int, mapping: CategoryMapping) -> np.ndarray:
+    """One image's detections as COCO result rows: float64 (N, 7) [image_id, x, y, w, h, score, category_id]."""
     xyxy = detections.xyxy.astype(np.float64)
-    xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
-    ids = mapping.to_category_ids(detections.labels)
-    return [{"image_id": int(image_id), "category_id": int(c), "bbox": [float(v) for v in box], "score": float(s)}
-            for box, c, s in zip(xywh, ids, detections.scores.astype(np.float64), strict=True)]
+    rows = np.empty((len(detections), 7), np.float64)
+    rows[:, 0] = image_id
+    rows[:, 1:3] = xyxy[:, :2]
+    rows[:, 3:5] = xyxy[:, 2:] - xyxy[:, :2]
+    rows[:, 5] = detections.scores
+    rows[:, 6] = mapping.to_category_ids(detections.labels)
+    return rows
 
 
-def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]],
+def _as_dicts(results: np.ndarray | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fresh result dicts (the library adds fields to them), from rows or from dicts."""
+    if isinstance(results, np.ndarray):
+        return [{"image_id": int(r[0]), "bbox": r[1:5].tolist(), "score": float(r[5]), "category_id": int(r[6])}
+                for r in results]
+    return [{**r, "bbox": list(r["bbox"])} for r in results]
+
+
+def _gt_annotation(a: dict[str, Any], number: int) -> dict[str, Any]:
+    """A ground-truth annotation as bbox evaluation reads it. Ids are renumbered (a file's missing or repeated
+    ids would make the evaluator drop objects); `area` (what small/medium/large use) defaults to the box's and
+    `iscrowd` to 0, as files written by hand often omit them."""
+    out = {k: a[k] for k in ("image_id", "category_id", "ignore") if k in a}
+    out["id"] = number
+    out["bbox"] = list(a["bbox"])
+    out["area"] = a["area"] if isinstance(a.get("area"), (int, float)) else float(a["bbox"][2] * a["bbox"][3])
+    out["iscrowd"] = int(a.get("iscrowd", 0) or 0)
+    return out
+
+
+def coco_metrics(ground_truth: dict[str, Any], results: np.ndarray | list[dict[str, Any]],
                  image_ids: Sequence[int] | None = None) -> tuple[dict[str, float | None], dict[int, float | None]]:
     """(the 12 metrics, AP per category id) of `results` against a COCO ground-truth dict, by faster-coco-eval.
+
+    `results`: rows as `coco_results` makes them, or COCO result dicts (image_id, category_id, bbox xywh, score).
 
     `image_ids` restricts the evaluation to those images (None: all the ground truth lists).
     """
     lib = _import_evaluator()
-    # the library adds fields to the dicts it is given: hand it copies
-    gt_data = copy.deepcopy({k: ground_truth[k] for k in ("images", "annotations", "categories")})
-    gt_data["info"] = copy.deepcopy(ground_truth.get("info", {}))
+    # the library adds fields to the dicts it is given: hand it copies, of what bbox evaluation reads
+    gt_data = {"info": copy.deepcopy(ground_truth.get("info", {})),
+               "images": [{k: im[k] for k in ("id", "width", "height", "file_name") if k in im}
+                          for im in ground_truth["images"]],
+               "categories": copy.deepcopy(ground_truth["categories"]),
+               "annotations": [_gt_annotation(a, i) for i, a in enumerate(ground_truth["annotations"], 1)]}
     with contextlib.redirect_stdout(io.StringIO()):  # the library logs its progress
         gt = lib.COCO(gt_data)
-        dt = gt.loadRes([dict(r) for r in results])
+        dt = gt.loadRes(_as_dicts(results))
         ev = lib.COCOeval_faster(gt, dt, iouType="bbox", print_function=lambda *a, **k: None)
         if image_ids is not None:
             ev.params.imgIds = sorted(int(i) for i in image_ids)
@@ -128,7 +156,7 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
 
     from tqdm import tqdm
 
-    results: list[dict[str, Any]] = []
+    rows: list[np.ndarray] = []  # per image, (300, 7): compact until the evaluator needs its dicts
     records = subset.images
     saved_max_batch = getattr(runtime, "max_batch", None)
     if saved_max_batch is not None and runtime.spec.batch is None:
@@ -140,11 +168,13 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
                 chunk = records[start:start + batch]
                 images = [_read_checked(r) for r in chunk]
                 for record, dets in zip(chunk, runtime.predict(images, score_threshold=0.0), strict=True):
-                    results.extend(coco_results(dets, record.id, mapping))
+                    rows.append(coco_results(dets, record.id, mapping))
                 bar.update(len(chunk))
     finally:
         if saved_max_batch is not None:
             runtime.max_batch = saved_max_batch
+    results = np.concatenate(rows) if rows else np.zeros((0, 7))
+    del rows
     metrics, per_class_ap = coco_metrics(dataset.coco_json, results, [r.id for r in records])
     counts: dict[int, int] = {}
     for r in records:

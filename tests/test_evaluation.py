@@ -415,3 +415,16 @@ def test_images_are_read_in_stored_orientation(tmp_path):
     image = _read_checked(record)
     assert image.shape == (40, 100, 3) and image[:, :50].mean() > 200 and image[:, 60:].mean() < 50
     assert read_image(path).shape[:2] == (100, 40)  # what an EXIF-applying reader would have scored instead
+
+
+def test_hand_written_ground_truth_without_ids_areas_or_crowd_flags(separated, tmp_path):
+    data = json.loads((separated / "ann.json").read_text())
+    for a in data["annotations"]:
+        del a["area"], a["iscrowd"]
+        a["id"] = 7  # repeated: the evaluator must still see every object
+    _write(tmp_path / "bare.json", data)
+    dataset = load_coco(separated / "img", tmp_path / "bare.json")
+    result = evaluate_dataset(_Oracle(dataset), dataset, progress=False)
+    assert result["AP"] == pytest.approx(1.0) and result["AR100"] == pytest.approx(1.0)
+    result = evaluate_dataset(_Oracle(dataset, drop_every=3), dataset, progress=False)
+    assert result["AR100"] < 0.8  # the missed objects count: none was dropped as a duplicate id
