@@ -17,11 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from deimv2_deploy.data.categories import CategoryMapping, match_categories
-from deimv2_deploy.data.coco import CocoDataset, DatasetError, load_coco
+from deimv2_deploy.data.coco import CocoDataset, DatasetError, load_coco, read_record_image
 from deimv2_deploy.detections import Detections
 
 __all__ = ["METRIC_KEYS", "evaluate", "evaluate_dataset", "coco_results", "coco_metrics", "evaluator_info",
@@ -166,7 +165,7 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
                   dynamic_ncols=True) as bar:
             for start in range(0, len(records), batch):
                 chunk = records[start:start + batch]
-                images = [_read_checked(r) for r in chunk]
+                images = [read_record_image(r) for r in chunk]
                 for record, dets in zip(chunk, runtime.predict(images, score_threshold=0.0), strict=True):
                     rows.append(coco_results(dets, record.id, mapping))
                 bar.update(len(chunk))
@@ -189,22 +188,6 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
                         "objects": sum(counts.values())},
             "protocol": {"top_k": runtime.spec.top_k, "score_threshold": 0.0, "boxes": "original image pixels"},
             "notes": list(mapping.notes)}
-
-
-def _read_checked(record: Any) -> np.ndarray:
-    """The image as its annotations see it: stored pixel orientation (EXIF rotation not applied, as PIL's
-    Image.open in the official evaluation), and the size the annotation file states."""
-    try:
-        data = np.fromfile(str(record.file), dtype=np.uint8)
-    except OSError as e:
-        raise DatasetError(f"cannot read image {record.file}: {e.strerror or e}") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
-    if image is None:
-        raise DatasetError(f"cannot decode image {record.file} (empty, corrupt or not an image); fix or remove it")
-    if image.shape[:2] != (record.height, record.width):
-        raise DatasetError(f"image {record.file} is {image.shape[1]}x{image.shape[0]} but the annotation file says "
-                           f"{record.width}x{record.height}: its boxes would not match; fix the file's width/height")
-    return image
 
 
 def _artifact_identity(runtime: Any) -> dict[str, Any]:

@@ -402,8 +402,7 @@ def test_images_are_read_in_stored_orientation(tmp_path):
     """EXIF rotation is not applied (as the official evaluation's PIL Image.open): boxes refer to stored pixels."""
     from PIL import Image
 
-    from deimv2_deploy.data.coco import ImageRecord
-    from deimv2_deploy.evaluation import _read_checked
+    from deimv2_deploy.data import ImageRecord, read_record_image
 
     pixels = np.zeros((40, 100, 3), np.uint8)
     pixels[:, :50] = 255
@@ -412,7 +411,7 @@ def test_images_are_read_in_stored_orientation(tmp_path):
     path = tmp_path / "rotated.jpg"
     Image.fromarray(pixels).save(path, exif=exif)
     record = ImageRecord(1, path, 100, 40, np.zeros((0, 4)), np.zeros(0), np.zeros(0), np.zeros(0))
-    image = _read_checked(record)
+    image = read_record_image(record)
     assert image.shape == (40, 100, 3) and image[:, :50].mean() > 200 and image[:, 60:].mean() < 50
     assert read_image(path).shape[:2] == (100, 40)  # what an EXIF-applying reader would have scored instead
 

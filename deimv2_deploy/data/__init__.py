@@ -9,10 +9,11 @@ from deimv2_deploy.data.coco import (
     ImageRecord,
     SanitizeReport,
     load_coco,
+    read_record_image,
     resolve_dataset,
     sanitize_for_training,
 )
 
 __all__ = ["COCO80", "Category", "CategoryMapping", "CategoryMismatchError", "match_categories", "CocoDataset",
-           "DatasetError", "DatasetPaths", "ImageRecord", "SanitizeReport", "load_coco", "resolve_dataset",
-           "sanitize_for_training"]
+           "DatasetError", "DatasetPaths", "ImageRecord", "SanitizeReport", "load_coco", "read_record_image",
+           "resolve_dataset", "sanitize_for_training"]

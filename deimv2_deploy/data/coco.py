@@ -18,12 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from deimv2_deploy.data.categories import Category, CategoryMapping
 
 __all__ = ["DatasetError", "ImageRecord", "CocoDataset", "SanitizeReport", "DatasetPaths", "load_coco",
-           "sanitize_for_training", "resolve_dataset", "read_annotation_json"]
+           "sanitize_for_training", "resolve_dataset", "read_annotation_json", "read_record_image"]
 
 _SHOW = 5  # offending names listed in an error before "..."
 
@@ -282,6 +283,22 @@ def _check_files(records: Iterable[ImageRecord], img_dir: Path, ann_path: Path) 
         raise DatasetError(f"{len(missing)} of {len(records)} images listed in {ann_path.name} are missing from "
                            f"{img_dir}: {_list_some(names)}; check that the image folder belongs to this "
                            "annotation file")
+
+
+def read_record_image(record: ImageRecord) -> np.ndarray:
+    """BGR uint8 (H, W, 3) pixels of a record as its annotations see them: in stored orientation (EXIF rotation
+    not applied, as PIL's Image.open in the official code) and of the size the file states (else DatasetError)."""
+    try:
+        data = np.fromfile(str(record.file), dtype=np.uint8)
+    except OSError as e:
+        raise DatasetError(f"cannot read image {record.file}: {e.strerror or e}") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if image is None:
+        raise DatasetError(f"cannot decode image {record.file} (empty, corrupt or not an image); fix or remove it")
+    if image.shape[:2] != (record.height, record.width):
+        raise DatasetError(f"image {record.file} is {image.shape[1]}x{image.shape[0]} but the annotation file says "
+                           f"{record.width}x{record.height}: its boxes would not match; fix the file's width/height")
+    return image
 
 
 # --- training ------------------------------------------------------------------------------------------------
