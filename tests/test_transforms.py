@@ -325,6 +325,16 @@ def test_mosaic_cache_is_bounded_and_keeps_the_newest():
         np.testing.assert_array_equal(newest, resize_shorter_side(image, target, settings.output_size)[0])
 
 
+def test_mosaic_own_probability():
+    samples = _scenes(2)
+    never = dataclasses.replace(get_augment_recipe("atto").mosaic, probability=0.0)
+    image, target = samples[0]
+    out, t = Mosaic(never, loader=lambda i: samples[i], num_items=2)(image, target, np.random.default_rng(0))
+    assert out is image and t is target
+    always = Mosaic(dataclasses.replace(never, probability=1.0), loader=lambda i: samples[i], num_items=2)
+    assert always(image, target, np.random.default_rng(0))[0].shape != image.shape
+
+
 def test_mosaic_arguments_are_checked():
     settings = get_augment_recipe("atto").mosaic
     with pytest.raises(ValueError, match="loader"):

@@ -35,6 +35,7 @@ class MosaicSettings:
     translation_range: tuple[float, float] = (0.1, 0.1)  # fraction of the canvas (x, y)
     scaling_range: tuple[float, float] = (0.5, 1.5)
     fill_value: int = 0  # pixels the affine uncovers
+    probability: float = 1.0  # the transform's own chance (every config: 1); the policy's mosaic_prob comes first
     max_cached_images: int = 50  # cache mode only (see `training.mosaic`)
     random_pop: bool = True
 

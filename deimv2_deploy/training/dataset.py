@@ -8,7 +8,8 @@ beyond decoding the image. `TrainDataset[i]` is `(image, target)`: image float32
 Randomness: sample i of epoch e draws everything from `numpy.random.default_rng((seed, e, i))`, so a run is
 the same for any number of DataLoader workers and resumes exactly at an epoch boundary. Call `set_epoch(e)`
 on the dataset (and the collator) before iterating epoch e, and build the DataLoader with
-`persistent_workers=False` (the default), so the workers of each epoch get the new epoch.
+`persistent_workers=False` (the default), so the workers of each epoch get the new epoch; pass
+`worker_init_fn=worker_init_fn` to keep OpenCV to one thread per worker. Usage: docs/training_data.md.
 """
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ class Mosaic:
     """
 
     def __init__(self, settings: MosaicSettings, loader: Loader | None = None, num_items: int = 0,
-                 source: str = "dataset", tile_cache_size: int = 256):
+                 source: str = "dataset", tile_cache_size: int = 64):
         if source not in MOSAIC_SOURCES:
             raise ValueError(f"unknown mosaic source {source!r}: choose one of {', '.join(MOSAIC_SOURCES)}")
         if source == "dataset" and (loader is None or num_items < 1):
@@ -124,6 +124,8 @@ class Mosaic:
 
     def __call__(self, image: np.ndarray, target: Target, rng: np.random.Generator) -> tuple[np.ndarray, Target]:
         s = self.settings
+        if s.probability < 1.0 and rng.random() >= s.probability:
+            return image, target  # as the official: the sample then also skips zoom-out and crop
         current = resize_shorter_side(image, target, s.output_size)
         tiles = [current] + self._partners(current, rng)
 
