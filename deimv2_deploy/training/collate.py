@@ -84,7 +84,8 @@ class BatchCollator:
 def mixup(images: torch.Tensor, targets: list[dict[str, torch.Tensor]], beta: float
           ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """Image i becomes beta * image i + (1 - beta) * image i-1 (cyclic) with both images' boxes."""
-    mixed = images * beta + images.roll(shifts=1, dims=0) * (1.0 - beta)
+    mixed = images.roll(shifts=1, dims=0)  # a new tensor: image i-1 at i
+    mixed.mul_(1.0 - beta).add_(images, alpha=beta)  # in place, one pass over the batch
     out = []
     for i, t in enumerate(targets):
         other = targets[i - 1]
