@@ -27,6 +27,7 @@ from deimv2_deploy.training.transforms import (
     TrainTransforms,
     adjust_brightness,
     adjust_contrast,
+    adjust_hue,
     adjust_saturation,
     make_target,
     to_model_input,
@@ -251,6 +252,15 @@ def test_colour_adjustments_match_pil():
             expected = np.asarray(theirs(pil).enhance(factor)).astype(int)
             diff = np.abs(ours(image, factor).astype(int) - expected)
             assert diff.max() <= 2, (ours.__name__, factor, diff.max())
+    for factor in (-0.05, 0.03, 0.2):  # torchvision's PIL hue kernel: shift H of PIL's HSV by int8(factor * 255)
+        h, s, v = pil.convert("HSV").split()
+        shifted = (np.asarray(h).astype(np.int64) + int(np.int8(factor * 255))) % 256
+        hsv = Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v))
+        expected = np.asarray(hsv.convert("RGB")).astype(int)
+        diff = np.abs(adjust_hue(image, factor).astype(int) - expected)
+        moved = np.abs(image.astype(int) - expected).mean()
+        # OpenCV's and PIL's 8-bit HSV round differently on greyish pixels: close on average, not per pixel
+        assert diff.mean() < 2 and diff.mean() < moved / 4, (factor, diff.mean(), moved)
 
 
 # ---------------------------------------------------------------------------------------------------------

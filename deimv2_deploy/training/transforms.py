@@ -2,11 +2,11 @@
 
 A sample is an RGB uint8 image (H, W, 3) and a target {"boxes": float32 (N, 4) xyxy in pixels, "labels": int64
 (N,)}. Every transform is `op(image, target, rng) -> (image, target)`: it draws all its randomness from the
-`numpy.random.Generator` it is given (so a sample depends only on its seed), returns new arrays and never
-writes into its inputs. Behaviour follows the torchvision v2 transforms the official pipeline uses
-(RandomPhotometricDistort, RandomZoomOut, RandomIoUCrop, SanitizeBoundingBoxes, RandomHorizontalFlip, Resize),
-applied to PIL images there: colour maths as PIL's, resizing as PIL's bilinear with antialias. Geometric ops
-clamp boxes to the new canvas, as torchvision does.
+`numpy.random.Generator` it is given (so a sample depends only on its seed) and never writes into its inputs
+(an op that does nothing returns them as they are). Behaviour follows the torchvision v2 transforms the official
+pipeline uses (RandomPhotometricDistort, RandomZoomOut, RandomIoUCrop, SanitizeBoundingBoxes,
+RandomHorizontalFlip, Resize), applied to PIL images there: colour maths as PIL's, resizing close to PIL's
+bilinear with antialias. Geometric ops clamp boxes to the new canvas, as torchvision does.
 
 `TrainTransforms` is the official `Compose` with its 'stop_epoch' policy; `EvalTransforms` is resize only.
 Both end in `to_model_input`: float32 CHW on [0, 1] (normalised for the DINOv3 sizes) and boxes as cxcywh
