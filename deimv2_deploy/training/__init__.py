@@ -1,0 +1,1 @@
+"""Training pieces that are not the model: data pipeline, criterion, schedule, loop."""
