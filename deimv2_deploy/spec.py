@@ -7,10 +7,11 @@ reads it from there and never guesses normalisation from a file name. Stored as 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from deimv2_deploy.classes import COCO_CLASSES
+from deimv2_deploy.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["ArtifactSpec", "METADATA_KEY", "SPEC_FORMAT", "RESIZE_MODES"]
@@ -28,6 +29,8 @@ class ArtifactSpec:
     std: tuple[float, float, float] | None
     resize: str = "stretch"  # how images are brought to input_size: "stretch" (official eval) or "letterbox"
     class_names: tuple[str, ...] = COCO_CLASSES
+    # dataset category id of each label (custom classes); None: the COCO-80 ids when class_names are COCO's
+    category_ids: tuple[int, ...] | None = None
     top_k: int = 300  # detections per image the graph returns
     weights: str = "unknown"  # where the weights came from (checkpoint path + sha256, or "random ...")
     random_weights: bool = False  # True: deterministic untrained weights, for plumbing and timing only
@@ -50,6 +53,8 @@ class ArtifactSpec:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         object.__setattr__(self, "input_size", (int(h), int(w)))
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.category_ids is not None:
+            object.__setattr__(self, "category_ids", _checked_category_ids(self.category_ids, len(self.class_names)))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -77,6 +82,7 @@ class ArtifactSpec:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         d["class_names"] = list(self.class_names)
+        d["category_ids"] = None if self.category_ids is None else list(self.category_ids)
         for name in ("mean", "std"):
             d[name] = None if d[name] is None else list(d[name])
         return d
@@ -92,6 +98,8 @@ class ArtifactSpec:
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["input_size"] = tuple(kwargs["input_size"])
+        if kwargs.get("category_ids") is not None:
+            kwargs["category_ids"] = tuple(kwargs["category_ids"])
         return cls(**kwargs)
 
     @classmethod
@@ -114,6 +122,12 @@ class ArtifactSpec:
         text = metadata.get(METADATA_KEY)
         return None if text is None else cls.from_json(text)
 
+    def dataset_category_ids(self) -> tuple[int, ...] | None:
+        """The dataset category id of each label: `category_ids`, else COCO's 80 ids for a COCO-80 model, else None."""
+        if self.category_ids is not None:
+            return self.category_ids
+        return COCO_CATEGORY_IDS if self.class_names == COCO_CLASSES else None
+
     # --- for people ---------------------------------------------------------------------------------
     def describe(self) -> str:
         norm = "ImageNet mean/std" if self.mean is not None else "none"
@@ -121,3 +135,22 @@ class ArtifactSpec:
         weights = "RANDOM (deterministic, untrained: not for real detection)" if self.random_weights else self.weights
         return (f"DEIMv2-{self.variant} {self.input_size[0]}x{self.input_size[1]}, normalisation {norm}, "
                 f"resize {self.resize}, {self.precision}, batch {batch}, weights: {weights}")
+
+
+def _checked_category_ids(ids: object, num_classes: int) -> tuple[int, ...]:
+    """One integer id >= 0 per class, all different (COCO ids are usually 1.., Roboflow exports start at 0)."""
+    try:
+        values = tuple(ids)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"category_ids must be a sequence of integers, got {ids!r}") from None
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad:
+        raise ValueError(f"category_ids must be integers >= 0, got {bad[:5]}")
+    values = tuple(int(v) for v in values)
+    if len(values) != num_classes:
+        raise ValueError(f"category_ids has {len(values)} ids but there are {num_classes} class names; "
+                         "give one dataset category id per class")
+    if len(set(values)) != len(values):
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        raise ValueError(f"category_ids must be unique, got {dupes} more than once")
+    return values

@@ -309,3 +309,15 @@ def test_two_training_steps_on_a_real_model_with_other_classes():
     assert torch.equal(model.decoder.up.detach(), start["decoder.up"])  # constants stay put
     ema_w = ema.module.state_dict()["decoder.dec_score_head.0.weight"]
     assert not torch.equal(ema_w, start["decoder.dec_score_head.0.weight"])
+
+
+def test_recipe_agrees_with_the_data_pipeline_table():
+    """The schedule's epochs and stop epoch equal the data pipeline's, official and scaled alike."""
+    from deimv2_deploy.training.augment_recipe import get_augment_recipe
+
+    for size in RECIPE_NAMES:
+        for epochs in (None, 7, 21, 60, 333):
+            r = get_recipe(size) if epochs is None else get_recipe(size).scaled(epochs=epochs)
+            a = get_augment_recipe(size, epochs=epochs)
+            assert (r.epochs, r.stop_epoch) == (a.epochs, a.stop_epoch), (size, epochs)
+            assert r.input_size == a.input_size[0] and r.epochs - r.no_aug_epoch == r.stop_epoch

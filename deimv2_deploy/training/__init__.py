@@ -1,4 +1,5 @@
-"""Training pieces that are not the model: matcher, criterion, optimiser groups, schedule, EMA, recipe.
+"""Training pieces that are not the model: data pipeline, matcher, criterion, optimiser groups, schedule, EMA,
+recipe. The data pipeline lives in its own modules (augment_recipe, transforms, mosaic, collate, dataset).
 
     from deimv2_deploy.training import build_criterion, build_optimizer, FlatCosineSchedule, ModelEMA, get_recipe
 
