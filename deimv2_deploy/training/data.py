@@ -75,10 +75,14 @@ class TrainingData:
         plan = [order[i * self.batch:(i + 1) * self.batch] for i in range(start, self.iterations_per_epoch)]
         if not plan:
             return iter(())
+        # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global generator,
+        # which also drives the denoising noise; a resumed run creates its iterator at another point of that
+        # sequence, so the noise would differ from the run that was not stopped
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=plan, collate_fn=self.collator, num_workers=self.workers,
             worker_init_fn=worker_init_fn if self.workers else None, persistent_workers=False,
-            prefetch_factor=4 if self.workers else None)
+            prefetch_factor=4 if self.workers else None,
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         return iter(loader)
 
 

@@ -14,6 +14,7 @@ on the dataset (and the collator) before iterating epoch e, and build the DataLo
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,14 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def worker_init_fn(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: one OpenCV thread per worker (the workers are the parallelism; OpenCV's own
-    pool would oversubscribe the cores). Randomness needs no seeding here: it comes from `sample_rng`."""
+    pool would oversubscribe the cores). Randomness needs no seeding here: it comes from `sample_rng`.
+
+    Workers ignore Ctrl-C and SIGTERM: a terminal's Ctrl-C (or `kill` of the process group) reaches every
+    process, and a worker dying of it would abort the run before the trainer saves its checkpoint; the trainer
+    stops them itself when it has saved."""
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_tensors(image: np.ndarray, target: Target, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -109,7 +109,7 @@ class Trainer:
         self.say = printer
         state = _read_resume(resume) if resume is not None else None
         if state is not None:
-            settings = _merge_resume_settings(TrainSettings.from_dict(state["settings"]), settings)
+            settings = _merge_resume_settings(TrainSettings.from_dict(state["deimv2"]["settings"]), settings)
         self.settings = settings
         self.config = get_variant(settings.size)
         self.device = _check_device(settings.device)
@@ -124,6 +124,7 @@ class Trainer:
 
         self.recipe = _recipe_for(settings, self.data.iterations_per_epoch)
         self.lr = _learning_rate(settings, self.recipe)
+        torch.manual_seed(settings.seed)  # initial weights and denoising noise follow --seed (resume restores it)
         self.model = build_model(self.config.name, num_classes=num_classes)
         if settings.checkpoint and state is None:
             for line in load_pretrained(self.model, settings.checkpoint):
@@ -169,7 +170,7 @@ class Trainer:
                 last = epoch + 1 == self.recipe.epochs
                 if self.data.has_validation and ((epoch + 1) % self.settings.val_every == 0 or last):
                     record["val"] = self.validate()
-                    ap = record["val"]["AP"]
+                    ap = record["val"]["AP"] or 0.0
                     if ap > self.progress.best_ap:
                         self.progress.best_ap, self.progress.best_epoch = ap, epoch
                         record["best"] = True
@@ -307,7 +308,9 @@ class Trainer:
         result = evaluate(runtime, self.settings.val_images, self.settings.val_annotations,
                           batch=8, max_images=self.settings.max_val_images, progress=True)
         metrics = {k: result[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")}
-        self.say("validation (EMA): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        # COCO reports None (-1) for a size range with no objects in the validation set
+        self.say("validation (EMA): " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
+                                                  for k, v in metrics.items()))
         return metrics
 
     # --- checkpoints --------------------------------------------------------------------------------
