@@ -17,8 +17,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """A BGR uint8 (H, W, 3) image; clear errors for missing, empty or undecodable files."""
+def read_image(path: str | os.PathLike, exif_orientation: bool = True) -> np.ndarray:
+    """A BGR uint8 (H, W, 3) image; clear errors for missing, empty or undecodable files.
+
+    exif_orientation=False keeps the stored orientation, the one COCO annotation files (and the official PIL
+    reader) describe: training and evaluation read their images that way."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"image not found: {p}")
@@ -27,7 +30,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if p.stat().st_size == 0:
         raise ValueError(f"image file is empty: {p}")
     data = np.fromfile(str(p), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(data, flags)
     if image is None:
         raise ValueError(f"cannot decode {p} as an image (corrupt, or not one of {', '.join(IMAGE_EXTENSIONS)})")
     return image

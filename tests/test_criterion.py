@@ -287,7 +287,7 @@ def test_golden_readme_table_matches_recipes():
     assert build_criterion("n", recipe=scaled).matcher.matcher_change_epoch == round(136 / 10)
     with pytest.raises(ValueError, match="size 'n'"):
         build_criterion("atto", recipe=scaled)
-    assert json.dumps(get_recipe("x").summary())  # JSON-friendly for logs
+    assert json.dumps(get_recipe("x").as_dict())  # JSON-friendly for logs
 
 
 def test_class_agnostic_encoder_proposals():

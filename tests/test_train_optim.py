@@ -321,3 +321,41 @@ def test_recipe_agrees_with_the_data_pipeline_table():
             a = get_augment_recipe(size, epochs=epochs)
             assert (r.epochs, r.stop_epoch) == (a.epochs, a.stop_epoch), (size, epochs)
             assert r.input_size == a.input_size[0] and r.epochs - r.no_aug_epoch == r.stop_epoch
+
+
+def test_step_with_an_explicit_iteration_and_build_scheduler():
+    from deimv2_deploy.training.optim import ModelEMA as ReExported
+    from deimv2_deploy.training.optim import build_scheduler
+
+    assert ReExported is ModelEMA
+    a, b = _optimizer(1e-3), _optimizer(1e-3)
+    r = get_recipe("n").scaled(epochs=4, iters_per_epoch=5)
+    counted, indexed = build_scheduler(a, r, 5), build_scheduler(b, r, 5)
+    for g in range(20):
+        counted.step()
+        indexed.step(g + 1)  # the index of the iteration about to run
+        assert a.param_groups[0]["lr"] == b.param_groups[0]["lr"]
+    indexed.step(0)
+    assert b.param_groups[0]["lr"] == 1e-3 * FIRST_ITER_FACTOR
+    with pytest.raises(ValueError, match="next_iter"):
+        indexed.step(-1)
+
+
+def test_for_batch_scales_every_learning_rate_once():
+    atto = get_recipe("atto")
+    sqrt = atto.for_batch(32)
+    assert math.isclose(sqrt.lr, 0.002 * 0.5) and math.isclose(sqrt.backbone_lr, 0.001 * 0.5)
+    assert [g.lr for g in sqrt.param_groups] == [0.0005, 0.0005, None] and sqrt.run_batch_size == 32
+    assert sqrt.batch_size == 128 and sqrt.iters_per_epoch_coco == atto.iters_per_epoch_coco  # official kept
+    linear = atto.for_batch(32, rule="linear")
+    assert math.isclose(linear.lr, 0.0005) and math.isclose(linear.backbone_lr, 0.00025)
+    given = atto.for_batch(8, lr=0.004)
+    assert math.isclose(given.lr, 0.004) and math.isclose(given.backbone_lr, 0.002)
+    model = build_model("atto")
+    groups = {g["name"]: g["lr"] for g in param_groups(model, sqrt)}
+    assert math.isclose(groups["backbone"], 0.0005) and math.isclose(groups["rest"], 0.001)
+    assert [g["lr"] for g in param_groups(model, "atto", lr=sqrt.lr)] == [g["lr"] for g in param_groups(model, sqrt)]
+    with pytest.raises(ValueError, match="rule"):
+        atto.for_batch(8, rule="cubic")
+    with pytest.raises(ValueError, match="batch"):
+        atto.for_batch(0)

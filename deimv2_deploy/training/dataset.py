@@ -83,7 +83,7 @@ def as_record(item: DetectionRecord | Mapping | Sequence, num_classes: int | Non
 def load_sample(record: DetectionRecord) -> tuple[np.ndarray, Target]:
     """The image (RGB uint8) and its target, boxes clipped to the image and empty ones dropped (as the official
     COCO reader does)."""
-    image = cv2.cvtColor(read_image(record.image_path), cv2.COLOR_BGR2RGB)
+    image = cv2.cvtColor(read_image(record.image_path, exif_orientation=False), cv2.COLOR_BGR2RGB)
     h, w = image.shape[:2]
     boxes = record.boxes.copy()
     np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])

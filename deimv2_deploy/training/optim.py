@@ -2,7 +2,7 @@
 
     recipe = get_recipe("n").scaled(epochs=50, iters_per_epoch=len(loader))
     optimizer = build_optimizer(model, recipe)                 # or build_optimizer(model, "n", lr=4e-4)
-    schedule = FlatCosineSchedule.from_recipe(optimizer, recipe, iters_per_epoch=len(loader))
+    schedule = build_scheduler(optimizer, recipe, iters_per_epoch=len(loader))
     for images, targets in loader:
         ...; optimizer.step(); schedule.step()                 # once per iteration, after the step
 """
@@ -15,9 +15,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from deimv2_deploy.training.ema import ModelEMA  # re-exported: the loop takes its optimisation pieces from here
 from deimv2_deploy.training.recipe import TrainRecipe, get_recipe
 
-__all__ = ["param_groups", "build_optimizer", "FlatCosineSchedule", "flat_cosine_lr", "FIRST_ITER_FACTOR"]
+__all__ = ["param_groups", "build_optimizer", "FlatCosineSchedule", "build_scheduler", "flat_cosine_lr",
+           "FIRST_ITER_FACTOR", "ModelEMA"]
 
 # The official base config also builds a LinearWarmup(500) scheduler; its constructor sets every group's lr to
 # lr / 500 before the first iteration, and the flat-cosine schedule only takes over after that iteration.
@@ -79,6 +81,12 @@ def build_optimizer(model: nn.Module, recipe: str | TrainRecipe, lr: float | Non
     return torch.optim.AdamW(groups, lr=base_lr, betas=tuple(betas or r.betas), weight_decay=base_wd)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: str | TrainRecipe,
+                    iters_per_epoch: int) -> FlatCosineSchedule:
+    """The recipe's per-iteration schedule for a loader of `iters_per_epoch` batches."""
+    return FlatCosineSchedule.from_recipe(optimizer, recipe, iters_per_epoch)
+
+
 def flat_cosine_lr(it: int, base_lr: float, min_lr: float, total: int, warmup: int, flat: int, no_aug: int) -> float:
     """The official schedule at iteration `it`: quadratic warm-up to base_lr over `warmup` iterations, flat
     until `flat`, cosine down to min_lr, and min_lr for the last `no_aug` iterations."""
@@ -137,9 +145,15 @@ class FlatCosineSchedule:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * FIRST_ITER_FACTOR if self.last_iter < 0 else self.lr_at(self.last_iter, base)
 
-    def step(self) -> None:
-        """After an optimiser step: set the learning rates of the next iteration."""
-        self.last_iter += 1
+    def step(self, next_iter: int | None = None) -> None:
+        """After an optimiser step: set the learning rates of the next iteration (0-based index `next_iter`,
+        by default the one after the previous call's). Iteration g >= 1 gets `flat_cosine_lr(g - 1)`."""
+        if next_iter is None:
+            self.last_iter += 1
+        else:
+            if isinstance(next_iter, bool) or not isinstance(next_iter, int) or next_iter < 0:
+                raise ValueError(f"FlatCosineSchedule.step: next_iter must be an integer >= 0, got {next_iter!r}")
+            self.last_iter = next_iter - 1
         self._apply()
 
     def get_last_lr(self) -> list[float]:

@@ -12,6 +12,7 @@ shorter run or another dataset: it keeps every proportion of the official schedu
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 __all__ = [
@@ -82,7 +83,7 @@ class TrainRecipe:
     backbone_lr: float
     weight_decay: float
     param_groups: tuple[ParamGroupRule, ...]
-    batch_size: int  # total over all GPUs of the official run
+    batch_size: int  # total over all GPUs of the official run (scaled() counts the official iterations with it)
     # = epochs - no_aug_epoch: augmentation and multi-scale stop here, and the official loop restarts from its
     # best stage-1 checkpoint (model, EMA, optimiser) with the EMA decay set to ema_restart_decay
     stop_epoch: int
@@ -107,6 +108,7 @@ class TrainRecipe:
     matcher_gamma: float = 2.0
     iou_order_alpha: float = 4.0
     num_denoising: int = 100
+    run_batch_size: int | None = None  # set by for_batch(): the batch of this run, when not the official one
 
     @property
     def iters_per_epoch_coco(self) -> int:
@@ -153,7 +155,27 @@ class TrainRecipe:
             )
         return dataclasses.replace(self, **changes)
 
-    def summary(self) -> dict:
+    def for_batch(self, batch: int, lr: float | None = None, rule: str = "sqrt") -> TrainRecipe:
+        """This recipe for a run at batch size `batch`: every learning rate (base, backbone, each group) scaled
+        by one factor, lr / self.lr when `lr` is given, else by the batch ratio under `rule`: "sqrt" (the
+        square-root rule for Adam-type optimisers; default) or "linear" (batch / official batch)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        if lr is not None:
+            if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+                raise ValueError(f"lr must be a positive number, got {lr!r}")
+            f = float(lr) / self.lr
+        elif rule == "sqrt":
+            f = math.sqrt(batch / self.batch_size)
+        elif rule == "linear":
+            f = batch / self.batch_size
+        else:
+            raise ValueError(f"unknown lr scaling rule {rule!r}: use 'sqrt' or 'linear'")
+        groups = tuple(dataclasses.replace(g, lr=None if g.lr is None else g.lr * f) for g in self.param_groups)
+        return dataclasses.replace(self, lr=self.lr * f, backbone_lr=self.backbone_lr * f, param_groups=groups,
+                                   run_batch_size=batch)
+
+    def as_dict(self) -> dict:
         """JSON-friendly view (for logs and checkpoints)."""
         out = dataclasses.asdict(self)
         out["weight_dict"] = dict(self.weight_dict)
