@@ -519,10 +519,10 @@ LAYERS = {  # package part -> the parts it may import (besides itself)
     "core": set(),
     "data": {"core"},
     "models": {"core"},
-    "training": {"core", "data", "models"},
     "runtimes": {"core", "models"},
     "exporters": {"core", "models", "runtimes"},
     "evaluation": {"core", "data", "models", "runtimes"},
+    "training": {"core", "data", "models", "runtimes", "evaluation"},  # validates through a runtime
     "top": {"core", "data", "models", "training", "runtimes", "exporters", "evaluation", "top"},
 }
 _PARTS = {"data": "data", "models": "models", "training": "training", "runtimes": "runtimes", "exporters": "exporters",
