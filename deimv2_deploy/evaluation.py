@@ -160,6 +160,9 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
     saved_max_batch = getattr(runtime, "max_batch", None)
     if saved_max_batch is not None and runtime.spec.batch is None:
         runtime.max_batch = batch  # predict() chunks a list into batches of this size
+    saved_clip = getattr(runtime, "clip_boxes", None)
+    if saved_clip is not None:
+        runtime.clip_boxes = False  # the official protocol scores the model's boxes as they are, unclipped
     try:
         with tqdm(total=len(records), desc="evaluating", unit="img", disable=not progress, file=sys.stderr,
                   dynamic_ncols=True) as bar:
@@ -172,6 +175,8 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
     finally:
         if saved_max_batch is not None:
             runtime.max_batch = saved_max_batch
+        if saved_clip is not None:
+            runtime.clip_boxes = saved_clip
     results = np.concatenate(rows) if rows else np.zeros((0, 7))
     del rows
     metrics, per_class_ap = coco_metrics(dataset.coco_json, results, [r.id for r in records])

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from deimv2_deploy import __version__
 from deimv2_deploy.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from deimv2_deploy.variants import get_variant_info
 
-__all__ = ["ArtifactSpec", "METADATA_KEY", "SPEC_FORMAT", "RESIZE_MODES"]
+__all__ = ["ArtifactSpec", "METADATA_KEY", "SPEC_FORMAT", "RESIZE_MODES", "EXPORTER", "resolve_spec"]
 
 METADATA_KEY = "deimv2.spec"
 SPEC_FORMAT = 1
 RESIZE_MODES = ("stretch", "letterbox")
+EXPORTER = f"deimv2-deploy {__version__}"  # the `exporter` of every artifact (and reference) this package makes
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,34 @@ def _checked_category_ids(ids: object, num_classes: int) -> tuple[int, ...]:
         dupes = sorted({v for v in values if values.count(v) > 1})
         raise ValueError(f"category_ids must be unique, got {dupes} more than once")
     return values
+
+
+def resolve_spec(stored: ArtifactSpec | None, path: str | os.PathLike, variant: str | None, *,
+                 where: str = "deimv2-deploy metadata", input_hw: Sequence[int | None] | None = None,
+                 batch: int | None = None, example: str = "load_runtime(path, variant='atto') or --variant atto",
+                 **official: Any) -> ArtifactSpec:
+    """The spec an artifact runs with; every backend (and the TensorRT exporter) resolves it here.
+
+    `stored`: the spec the artifact carries (ONNX metadata, IR rt_info, engine sidecar), None where it has none.
+    Then `variant` (the size the user named) must agree with it. Without one (an official-exporter ONNX, a
+    `trtexec` engine) the user must name the size, and the official preprocessing of that size is used, checked
+    against the graph's image input size `input_hw` (height, width; None or negative where dynamic) and fixed at
+    the graph's `batch` when that is static. `official`: fields to set on such a spec (e.g. precision).
+    `where` names what was looked for, `example` how to pass the size, in the errors.
+    """
+    if stored is not None:
+        if variant is not None and get_variant_info(variant).name != stored.variant:
+            raise ValueError(f"{path} is DEIMv2-{stored.variant} (from its {where}), not {variant!r}")
+        return stored
+    if variant is None:
+        raise ValueError(f"{path} has no {where} (an official export?): pass the size, e.g. {example}")
+    spec = ArtifactSpec.for_official_export(variant)
+    if official:
+        spec = spec.with_(**official)
+    hw = tuple(input_hw) if input_hw is not None else ()
+    if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and hw != spec.input_size:
+        raise ValueError(f"{path} takes {hw[0]}x{hw[1]} images but DEIMv2-{spec.variant} uses "
+                         f"{spec.input_size[0]}x{spec.input_size[1]}: is it really size {variant!r}?")
+    if batch is not None and batch > 0:
+        spec = spec.with_(batch=int(batch))
+    return spec

@@ -46,9 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="TensorRT: the GPU to build on (cuda or cuda:N)")
     p.add_argument("--no-parity", action="store_true",
                    help="TensorRT: skip the engine-vs-ONNX Runtime parity check after the build")
-    from deimv2_deploy.exporters.openvino_export import add_openvino_arguments
+    from deimv2_deploy.exporters.openvino_export import SOURCES
 
-    add_openvino_arguments(p)  # --openvino-source, --onnx (TensorRT builds from --onnx too)
+    p.add_argument("--openvino-source", choices=SOURCES, default="auto",
+                   help="OpenVINO: convert from our ONNX (onnx) or the PyTorch module (torch); auto: the store's ONNX "
+                        "of the same weights if there is one, else the PyTorch module")
+    p.add_argument("--onnx", dest="onnx_path", metavar="FILE",
+                   help="OpenVINO/TensorRT: start from this ONNX file (made by deimv2-export, or the official "
+                        "exporter) instead of exporting the model again")
     p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -61,6 +66,11 @@ def _export_one(args: argparse.Namespace, size: str):
 
         if args.precision != "fp32" and not args.fp16:
             raise ValueError("for ONNX use --fp16 (INT8 is available for --format openvino / tensorrt)")
+        if args.calibration is not None:
+            raise ValueError("--calibration is for INT8 exports: add --format openvino (or tensorrt) --precision int8")
+        if args.onnx_path is not None:
+            raise ValueError("--onnx starts an OpenVINO or TensorRT export from an ONNX file: add --format openvino "
+                             "or --format tensorrt")
         return export_onnx(size, opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
                            fp16=args.fp16, quiet=args.quiet, **common)
     if args.format == "openvino":

@@ -289,10 +289,9 @@ class Trainer:
     # --- validation ---------------------------------------------------------------------------------
     def deploy_runtime(self) -> Any:
         """A torch Runtime of the current EMA weights in deploy form (what an export would contain)."""
-        from deimv2_deploy.exporters.common import EXPORTER
         from deimv2_deploy.models.graph import DeployGraph
         from deimv2_deploy.runtimes.torch_backend import TorchRuntime
-        from deimv2_deploy.spec import ArtifactSpec
+        from deimv2_deploy.spec import EXPORTER, ArtifactSpec
 
         module = copy.deepcopy(self.ema.module).to("cpu").eval().deploy()
         spec = ArtifactSpec.for_variant(self.config.name, class_names=self.class_names,
@@ -439,7 +438,7 @@ def _summarise_terms(terms: dict[str, float]) -> dict[str, float]:
 
 
 def _machine() -> dict[str, Any]:
-    from deimv2_deploy.benchmarks.sysinfo import cpu_info
+    from deimv2_deploy.cpu import cpu_info
 
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info()}
     if torch.cuda.is_available():
