@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="official .pth/.safetensors or Hugging Face folder (default: the model store)")
     src.add_argument("--random-weights", action="store_true",
                      help="deterministic untrained weights, for plumbing and benchmarks (recorded in the metadata)")
-    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt", "triton"], default="onnx",
+                   help="triton: a Triton model repository entry (see --triton-backend)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="OpenVINO/TensorRT precision (ONNX: use --fp16)")
     p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deimv2_deploy.exporters.openvino_export import add_openvino_arguments
 
     add_openvino_arguments(p)  # --openvino-source, --onnx (TensorRT builds from --onnx too)
+    from deimv2_deploy.exporters.triton_export import add_triton_arguments
+
+    add_triton_arguments(p)  # --triton-backend, --max-batch, --triton-model, ...
     p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -69,6 +73,8 @@ def _export_one(args: argparse.Namespace, size: str):
         return export_openvino(size, precision=args.precision, calibration=args.calibration,
                                calibration_size=args.calibration_size, source=args.openvino_source,
                                onnx_path=args.onnx_path, quiet=args.quiet, **common)
+    if args.format == "triton":
+        return _export_triton(args, size)
     from deimv2_deploy.exporters.tensorrt_export import export_tensorrt, parse_dynamic_batch
 
     dynamic = None
@@ -81,11 +87,39 @@ def _export_one(args: argparse.Namespace, size: str):
                            device=args.device, check_parity=not args.no_parity, quiet=args.quiet, **common)
 
 
+def _export_triton(args: argparse.Namespace, size: str):
+    from deimv2_deploy.exporters.triton_export import export_triton
+
+    backend, model_path = args.triton_backend, args.triton_model
+    if backend == "onnxruntime":  # the ONNX file is the model itself
+        model_path = model_path or args.onnx_path
+        options = dict(opset=args.opset, batch=args.batch, simplify=not args.no_simplify)
+        precision = "fp16" if args.fp16 else args.precision
+    elif backend == "openvino":
+        options = dict(calibration=args.calibration, calibration_size=args.calibration_size,
+                       source=args.openvino_source, onnx_path=args.onnx_path)
+        precision = args.precision
+    else:
+        options = dict(calibration=args.calibration, calibration_size=args.calibration_size, batch=args.batch,
+                       workspace_gb=args.workspace, timing_cache=args.timing_cache, fp32_attention=args.fp32_attention,
+                       force=args.force, onnx_path=args.onnx_path, device=args.device, check_parity=not args.no_parity)
+        if args.dynamic_batch not in (None, "dynamic"):
+            options["dynamic_batch"] = args.dynamic_batch
+        precision = args.precision
+    common = {} if model_path else dict(checkpoint=args.checkpoint, random_weights=args.random_weights,
+                                        precision=precision, exporter_options=options)
+    return export_triton(size, backend, model_path=model_path, repository=args.triton_repository,
+                         name=args.triton_name, max_batch=args.max_batch, instances=args.triton_instances,
+                         kind=args.triton_kind, threads=args.triton_threads, queue_delay_us=args.triton_queue_delay_us,
+                         output_dir=args.output_dir, quiet=args.quiet, **common)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch is not None and args.batch < 1:
         build_parser().error(f"--batch must be at least 1, got {args.batch}")
-    if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt":
+    if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt" and not (
+            args.format == "triton" and args.triton_backend == "tensorrt"):
         build_parser().error("--dynamic-batch MIN:OPT:MAX is for --format tensorrt; "
                              "ONNX and OpenVINO artifacts are dynamic by default")
 
@@ -97,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             if not args.json:
                 print(f"wrote {result.path}\n  {result.spec.describe()}  ({result.seconds:.1f} s)")
+                if args.format == "triton":
+                    print(f"  serve it: tritonserver --model-repository {result.path.parent.resolve()}")
                 if result.spec.random_weights:
                     print("  NOTE: random weights: detections are meaningless; use an official checkpoint for real use")
         if args.json:
