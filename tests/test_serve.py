@@ -163,6 +163,124 @@ def test_detections_payload_names_classes_and_category_ids():
     assert [d["category_id"] for d in detections_payload(dets, with_ids)["detections"]] == [33, 11]
 
 
+# --- the dynamic batcher (asyncio only) ---------------------------------------------------------------------
+class _Model:
+    """A batch function that records its calls and can be held busy by the test."""
+
+    def __init__(self, fail_on: object = None) -> None:
+        import asyncio
+
+        self.calls: list[list] = []
+        self.started: list[float] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_on = fail_on
+
+    async def __call__(self, items):
+        self.calls.append(list(items))
+        self.started.append(time.monotonic())
+        await self.gate.wait()
+        if self.fail_on in items:
+            raise RuntimeError("model failed")
+        return [item * 10 for item in items]
+
+
+def test_batcher_gathers_requests_while_the_model_is_busy():
+    import asyncio
+
+    from deimv2_deploy.serving.batching import DynamicBatcher
+
+    async def scenario():
+        model = _Model()
+        batcher = DynamicBatcher(model, max_batch=3, wait_s=0.0)
+        model.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)  # the model now holds [1]
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 9)]
+        await asyncio.sleep(0.05)
+        assert batcher.pending == 7
+        model.gate.set()
+        return await first, await asyncio.gather(*rest), model.calls
+
+    first, rest, calls = asyncio.run(scenario())
+    assert first == 10 and rest == [i * 10 for i in range(2, 9)]
+    # what arrived during the first call ran in full batches, in arrival order
+    assert calls == [[1], [2, 3, 4], [5, 6, 7], [8]]
+
+
+def test_batcher_waits_from_the_oldest_request_not_from_the_model_being_free():
+    import asyncio
+
+    from deimv2_deploy.serving.batching import DynamicBatcher
+
+    async def scenario():
+        model = _Model()
+        batcher = DynamicBatcher(model, max_batch=8, wait_s=2.0)
+        a = asyncio.ensure_future(batcher.submit(1))  # waits up to 2 s for company, none comes
+        await asyncio.sleep(0.05)
+        model.gate.clear()
+        while not model.calls:
+            await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(batcher.submit(2))  # arrives while [1] runs
+        await asyncio.sleep(2.5)  # b has now waited longer than wait_s
+        released = time.monotonic()
+        model.gate.set()
+        await asyncio.gather(a, b)
+        return model.calls, model.started[1] - released
+
+    calls, gap = asyncio.run(scenario())
+    assert calls == [[1], [2]]
+    assert gap < 1.0, f"the second batch waited {gap:.2f} s after the model was free (its request had waited 2.5 s)"
+
+
+def test_batcher_errors_reach_every_request_of_the_batch_only():
+    import asyncio
+
+    from deimv2_deploy.serving.batching import DynamicBatcher
+
+    async def scenario():
+        model = _Model(fail_on=2)
+        batcher = DynamicBatcher(model, max_batch=2, wait_s=0.5)
+        bad = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+        good = await batcher.submit(3)
+        return bad, good
+
+    bad, good = asyncio.run(scenario())
+    assert all(isinstance(e, RuntimeError) and "model failed" in str(e) for e in bad)
+    assert good == 30
+
+
+def test_batcher_skips_cancelled_requests():
+    import asyncio
+
+    from deimv2_deploy.serving.batching import DynamicBatcher
+
+    async def scenario():
+        model = _Model()
+        batcher = DynamicBatcher(model, max_batch=4, wait_s=0.0)
+        model.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher.submit(2))
+        kept = asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # its client went away
+        model.gate.set()
+        return await first, await kept, model.calls
+
+    first, kept, calls = asyncio.run(scenario())
+    assert (first, kept) == (10, 30) and calls == [[1], [3]]
+
+
+def test_batcher_checks_its_arguments():
+    from deimv2_deploy.serving.batching import DynamicBatcher
+
+    with pytest.raises(ValueError, match="max_batch"):
+        DynamicBatcher(_Model, max_batch=0, wait_s=0.0)
+    with pytest.raises(ValueError, match="wait_s"):
+        DynamicBatcher(_Model, max_batch=1, wait_s=-1)
+
+
 # --- settings and the Serve config --------------------------------------------------------------------------
 def test_settings_validate_and_share_cpus(tmp_path):
     s = ServeSettings(str(tmp_path / "m.onnx"), replicas=2, cpus_per_replica=None)
@@ -437,7 +555,7 @@ def test_concurrent_requests_equal_runtime_predict(service, reference, images):
         _assert_same_detections(answer, expected)
         assert answer["score"] == score and answer["model"]["variant"] == "atto"
         assert 1 <= answer["batch_size"] <= MAX_BATCH
-        assert set(answer["timing_ms"]) == {"decode", "queue", "inference", "total"}
+        assert set(answer["timing_ms"]) == {"receive", "decode", "queue", "inference", "total"}
         batch_sizes.append(answer["batch_size"])
     assert max(batch_sizes) > 1, f"no two requests shared a batch: {batch_sizes}"
     service.remember_processes()

@@ -6,9 +6,10 @@
 
 Endpoints (JSON answers; see `protocol` for the request rules): `POST /detect` (JPEG/PNG bytes, or a multipart
 form with the file in a field named 'image'; `?score=` overrides the threshold), `GET /health`,
-`GET /metadata`. A request Ray Serve routes to a replica is checked and decoded there, then waits (at most
-`batch_wait_ms`) for others to share one graph call of up to `max_batch` images; the graph runs in a worker
-thread so the replica keeps accepting requests meanwhile. `build_app(args)` is the application builder a Serve
+`GET /metadata`. A request Ray Serve routes to a replica is checked and decoded there, then joins the replica's
+dynamic batcher (`batching`): while the model is busy, requests gather; when it is free, up to `max_batch` of them
+run as one graph call, waiting at most `batch_wait_ms` from the oldest for the batch to fill. The graph runs in a
+worker thread, so the replica keeps accepting requests meanwhile. `build_app(args)` is the application builder a Serve
 config file names (`deimv2-serve --write-config`).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.responses import JSONResponse
 
 from deimv2_deploy.detections import Detections
 from deimv2_deploy.runtimes import load_runtime
+from deimv2_deploy.serving.batching import DynamicBatcher
 from deimv2_deploy.serving.protocol import (
     RequestError,
     decode_image,
@@ -121,8 +123,7 @@ class DetectorDeployment:
         self.runtime.max_batch = s.max_batch  # one graph call per batch
         self.spec = self.runtime.spec
         self.identity = model_identity(self.spec, self.runtime.backend.value)
-        self._detect_batch.set_max_batch_size(s.max_batch)
-        self._detect_batch.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        self._batcher: DynamicBatcher[_Job, _Done] | None = None  # made in the replica's event loop, on first use
         self.replica = _replica_id()
         self.started = time.time()
 
@@ -155,14 +156,18 @@ class DetectorDeployment:
         s = self.settings
         score = parse_score(request.query_params.get("score"), s.score)
         body = await _read_body(request, s.max_body_bytes)
+        received = time.perf_counter()
         image = decode_image(extract_upload(body, request.headers.get("content-type")), s.max_pixels)
         decoded = time.perf_counter()
-        done: _Done = await self._detect_batch(_Job(image, score, decoded))
+        if self._batcher is None:
+            self._batcher = DynamicBatcher(self._detect_batch, s.max_batch, s.batch_wait_ms / 1000.0)
+        done = await self._batcher.submit(_Job(image, score, decoded))
         payload = detections_payload(done.detections.filter(score), self.spec)
+        ms = lambda a, b: round((b - a) * 1000, 3)  # noqa: E731
         payload.update(model=self.identity, replica=self.replica, batch_size=done.batch_size, score=score,
-                       timing_ms={"decode": round((decoded - start) * 1000, 3), "queue": round(done.queue_ms, 3),
-                                  "inference": round(done.inference_ms, 3),
-                                  "total": round((time.perf_counter() - start) * 1000, 3)})
+                       timing_ms={"receive": ms(start, received), "decode": ms(received, decoded),
+                                  "queue": round(done.queue_ms, 3), "inference": round(done.inference_ms, 3),
+                                  "total": ms(start, time.perf_counter())})
         return payload
 
     def metadata(self) -> dict[str, Any]:
@@ -171,7 +176,6 @@ class DetectorDeployment:
                             "replica_cpus": self.settings.replica_cpus}}
 
     # --- batching -----------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # set from the settings in __init__
     async def _detect_batch(self, jobs: list[_Job]) -> list[_Done]:
         begin = time.perf_counter()
         # one graph call for the batch, at the lowest threshold asked; each request filters its own after

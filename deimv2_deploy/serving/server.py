@@ -75,11 +75,13 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
     node_ip = "127.0.0.1" if host in LOOPBACK_HOSTS else None  # Ray's own services stay on loopback
     started = time.perf_counter()
     try:
-        ray.init(num_cpus=available_cpus(), include_dashboard=False, logging_level=level, log_to_driver=verbose,
-                 _node_ip_address=node_ip, object_store_memory=object_store_mb * 1024 * 1024,
+        # address="local": a Ray of its own even where RAY_ADDRESS names a cluster (use --write-config for that)
+        ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, logging_level=level,
+                 log_to_driver=verbose, _node_ip_address=node_ip, object_store_memory=object_store_mb * 1024 * 1024,
                  namespace="deimv2-serve")
-        # after ray.init, whose own SIGTERM handler would end the process at once
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            # after ray.init, whose own SIGTERM handler would end the process at once
+            previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         logging.getLogger("ray.serve").setLevel(level)
         check_cpus(settings, float(ray.cluster_resources().get("CPU", 0)))
         serve.start(http_options={"host": host, "port": port},
