@@ -248,3 +248,23 @@ def test_config_arguments_are_checked(kwargs, words):
     args.update(kwargs)
     with pytest.raises(ValueError, match=words):
         triton_model_config(ArtifactSpec.for_variant("atto"), args.pop("backend"), args.pop("name"), **args)
+
+
+def test_client_inputs_match_the_config(atto_onnx, tmp_path, example_image_path):
+    """The README's client side, offline: the spec read back from the config preprocesses an image into tensors
+    whose names, Triton types and shapes are the config's (tritonclient refuses a dtype that does not match)."""
+    import tritonclient.grpc as triton
+
+    from deimv2_deploy.media import read_image
+    from deimv2_deploy.preprocess import Preprocessor
+
+    result = export_triton("atto", "onnxruntime", model_path=atto_onnx.path, repository=tmp_path, quiet=True)
+    config = parse(result.path)
+    spec = ArtifactSpec.from_json(params(config)["deimv2.spec"])
+    batch = Preprocessor(spec)([read_image(example_image_path)])
+    arrays = {"images": batch.images, "orig_target_sizes": batch.orig_target_sizes}
+    for declared in config.input:
+        array = arrays[declared.name]
+        tensor = triton.InferInput(declared.name, list(array.shape), dtype_name(declared.data_type)[len("TYPE_"):])
+        tensor.set_data_from_numpy(array)
+        assert list(array.shape) == [1, *declared.dims]
