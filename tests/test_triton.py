@@ -125,6 +125,9 @@ def test_cli_writes_the_repository(atto_onnx, tmp_path, capsys):
     assert main(["atto", "--format", "triton", "--onnx", str(atto_onnx.path), "--triton-repository", str(repo),
                  "--triton-name", "bad name"]) == 1
     assert "must be letters" in capsys.readouterr().err
+    assert main(["atto", "--format", "triton", "--onnx", str(atto_onnx.path), "--random-weights",
+                 "--triton-repository", str(repo)]) == 1
+    assert "either a model file" in capsys.readouterr().err
 
 
 # --- OpenVINO ----------------------------------------------------------------------------------------------------

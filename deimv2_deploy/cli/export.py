@@ -106,12 +106,11 @@ def _export_triton(args: argparse.Namespace, size: str):
         if args.dynamic_batch not in (None, "dynamic"):
             options["dynamic_batch"] = args.dynamic_batch
         precision = args.precision
-    common = {} if model_path else dict(checkpoint=args.checkpoint, random_weights=args.random_weights,
-                                        precision=precision, exporter_options=options)
     return export_triton(size, backend, model_path=model_path, repository=args.triton_repository,
                          name=args.triton_name, max_batch=args.max_batch, instances=args.triton_instances,
                          kind=args.triton_kind, threads=args.triton_threads, queue_delay_us=args.triton_queue_delay_us,
-                         output_dir=args.output_dir, quiet=args.quiet, **common)
+                         checkpoint=args.checkpoint, random_weights=args.random_weights, precision=precision,
+                         exporter_options=options, output_dir=args.output_dir, quiet=args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
