@@ -167,7 +167,7 @@ def test_openvino_repository_through_the_exporter(atto_onnx, tmp_path):
 
 # --- TensorRT (stand-in engine) ------------------------------------------------------------------------------
 def _engine_with_sidecar(tmp_path: Path, profile: dict[str, int] | None, batch: int | None = None) -> Path:
-    from deimv2_deploy.runtimes.tensorrt_backend import write_sidecar
+    from deimv2_deploy.tensorrt_support import write_sidecar
 
     engine = tmp_path / "deimv2_s_fp16.engine"
     # stand-in bytes: the repository copies them; the config never reads them

@@ -224,7 +224,7 @@ def _given_artifact(path: Path, backend: str, variant: str) -> tuple[list[Path],
     if backend == "tensorrt":
         if suffix not in (".engine", ".plan"):
             raise ValueError(f"the tensorrt backend takes a serialized engine (.engine/.plan), got {path.name}")
-        from deimv2_deploy.runtimes.tensorrt_backend import read_sidecar
+        from deimv2_deploy.tensorrt_support import read_sidecar
 
         # the config depends on the engine's spec (its sidecar), never on the engine's bytes
         spec = read_sidecar(path) or ArtifactSpec.for_official_export(variant)
