@@ -18,15 +18,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "metadata and a parity report against PyTorch.",
         epilog="Examples:\n  deimv2-export atto --random-weights\n"
                "  deimv2-export s --checkpoint deimv2_dinov3_s_coco.pth\n"
+               "  deimv2-export s --checkpoint DEIMv2_S_transformers/   (a transformers folder)\n"
+               "  deimv2-export s --format hf --checkpoint deimv2_dinov3_s_coco.pth --output-dir DEIMv2_S_hf\n"
                "  deimv2-export s --format openvino --precision int8 --calibration images/\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("size", choices=[*VARIANT_NAMES, "all"], help="model size, or 'all'")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint",
-                     help="official .pth/.safetensors or Hugging Face folder (default: the model store)")
+                     help="official .pth/.safetensors, Hugging Face folder, or transformers folder "
+                          "(default: the model store)")
     src.add_argument("--random-weights", action="store_true",
                      help="deterministic untrained weights, for plumbing and benchmarks (recorded in the metadata)")
-    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt", "hf"], default="onnx",
+                   help="hf: a transformers DEIMv2 folder (config.json + model.safetensors + preprocessor_config"
+                        ".json); --output-dir is then the folder itself (with 'all': DIR/deimv2_<size>_hf)")
+    p.add_argument("--graph", choices=["auto", "official", "transformers"], default="auto",
+                   help="for a transformers checkpoint: the official DEIMv2 graph, or transformers' own (ONNX only); "
+                        "auto: transformers' only when the folder was fine-tuned inside transformers "
+                        "(docs/transformers.md)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="OpenVINO/TensorRT precision (ONNX: use --fp16)")
     p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
@@ -56,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export_one(args: argparse.Namespace, size: str):
     common = dict(checkpoint=args.checkpoint, random_weights=args.random_weights, output_dir=args.output_dir)
+    if args.format == "hf":
+        from deimv2_deploy.exporters.hf_folder import export_hf_folder, hf_folder_name
+
+        folder = args.output_dir
+        if folder is not None and args.size == "all":
+            folder = f"{folder}/{hf_folder_name(size, args.random_weights)}"
+        return export_hf_folder(size, checkpoint=args.checkpoint, random_weights=args.random_weights, folder=folder,
+                                quiet=args.quiet)
+    if args.format == "onnx" and args.checkpoint and (args.graph != "auto" or _is_transformers(args.checkpoint)):
+        from deimv2_deploy.exporters.transformers_graph import export_checkpoint_onnx
+
+        return export_checkpoint_onnx(size, args.checkpoint, graph=args.graph, output_dir=args.output_dir,
+                                      opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
+                                      fp16=args.fp16, quiet=args.quiet)
+    if args.graph == "transformers":
+        raise ValueError("--graph transformers needs --format onnx and --checkpoint (a transformers folder); build "
+                         "OpenVINO/TensorRT from that ONNX file")
     if args.format == "onnx":
         from deimv2_deploy.exporters.onnx_export import export_onnx
 
@@ -79,6 +105,12 @@ def _export_one(args: argparse.Namespace, size: str):
                            workspace_gb=args.workspace, timing_cache=args.timing_cache,
                            fp32_attention=args.fp32_attention, force=args.force, onnx_path=args.onnx_path,
                            device=args.device, check_parity=not args.no_parity, quiet=args.quiet, **common)
+
+
+def _is_transformers(checkpoint: str) -> bool:
+    from deimv2_deploy.models.checkpoint import checkpoint_format
+
+    return checkpoint_format(checkpoint) == "transformers"
 
 
 def main(argv: list[str] | None = None) -> int:

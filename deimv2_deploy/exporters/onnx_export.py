@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,12 @@ def write_onnx_with_spec(src: Path, dst: Path, spec: ArtifactSpec) -> None:
 def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
                 output_dir: str | os.PathLike | None = None, opset: int = 17, batch: int | None = None,
                 simplify: bool = True, fp16: bool = False, quiet: bool = False, graph: Any = None,
-                weights: str | None = None) -> ExportResult:
+                weights: str | None = None, spec_overrides: Mapping[str, Any] | None = None) -> ExportResult:
     """Export DEIMv2-`variant` to ONNX in the model store; fails loudly when FP32 parity is broken.
 
-    `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters)
-    reuse it instead of loading the checkpoint again.
+    `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters, the
+    transformers-checkpoint exporter) reuse it instead of loading the checkpoint again; `spec_overrides` are
+    ArtifactSpec fields of such a graph (class names, input size, `build` entries such as the graph used).
     """
     from deimv2_deploy.models.graph import DeployGraph
 
@@ -134,7 +136,7 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
     else:
         steps(f"using the given DEIMv2-{info.name} deploy graph")
     spec = ArtifactSpec.for_variant(info.name, weights=weights or "unknown", random_weights=random_weights,
-                                    precision=precision, batch=batch, exporter=EXPORTER)
+                                    precision=precision, batch=batch, exporter=EXPORTER, **dict(spec_overrides or {}))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial.onnx", dir=store)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -154,12 +156,12 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
         reference = reference_outputs(graph, check)
         tolerances = {} if not fp16 else {"box_tol": 2.0, "score_tol": 1e-2}
         parity = compare_graph_outputs(run_onnx(tmp), reference, check, **tolerances)
-        parity["against"] = "PyTorch deploy model (CPU, FP32)"
+        parity["against"] = spec.build.get("reference", "PyTorch deploy model (CPU, FP32)")
         if not fp16 and not parity["ok"]:
             raise ParityError(f"ONNX export of DEIMv2-{info.name} disagrees with PyTorch: {_describe(parity)}. "
                               "Nothing was written; please report this with the command you ran")
         spec = spec.with_(parity=parity, versions=library_versions("torch", "onnx", "onnxsim", "onnxruntime"),
-                          build={"opset": opset, "simplified": simplified})
+                          build={**spec.build, "opset": opset, "simplified": simplified})
         steps(f"writing {final}")
         write_onnx_with_spec(tmp, tmp, spec)
         publish(tmp, final)
