@@ -444,7 +444,7 @@ def _load_transformers(state: dict[str, torch.Tensor], config: dict[str, Any] | 
         hint = f" It looks like a DEIMv2-{looks} checkpoint: use size {looks!r}." if looks and looks != chosen else ""
         raise CheckpointError(f"{where} does not fit DEIMv2-{chosen} (transformers names): {report.describe()}.{hint}")
     if converted.trained and not drop_transformers_only:
-        raise CheckpointError(trained_message(where, chosen, converted.trained))
+        raise CheckpointError(_trained_message(where, chosen, converted.trained))
     notes = list(converted.notes)
     if config and config.get("num_queries") not in (None, get_variant(chosen).num_queries):
         notes.append(f"{where}: config.json sets num_queries={config['num_queries']}; the official DEIMv2-{chosen} "
@@ -458,7 +458,7 @@ def _load_transformers(state: dict[str, torch.Tensor], config: dict[str, Any] | 
     return model.eval(), loaded
 
 
-def trained_message(where: str, variant: str, trained: Mapping[str, str]) -> str:
+def _trained_message(where: str, variant: str, trained: Mapping[str, str]) -> str:
     """Why a fine-tuned transformers checkpoint does not fit the official graph, and what to do."""
     first = next(iter(trained))
     return (f"{where} was fine-tuned inside transformers: {len(trained)} tensors that only transformers' DEIMv2 has "

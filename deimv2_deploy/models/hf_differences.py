@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deimv2_deploy.models.sta import ViTSTAConfig
-from deimv2_deploy.models.zoo import get_variant
+from deimv2_deploy.models.zoo import VARIANT_NAMES, get_variant
 
 __all__ = ["Difference", "DIFFERENCES", "differences_for", "switch_off"]
 
-ALL = ("atto", "femto", "pico", "n", "s", "m", "l", "x")
+ALL = tuple(VARIANT_NAMES)
 Switch = Callable[[nn.Module, str, Mapping[str, torch.Tensor]], None]
 
 
@@ -144,8 +143,8 @@ def switch_off(hf_model: nn.Module, variant: str, official_state: Mapping[str, t
                numbers: tuple[int, ...] | None = None) -> nn.Module:
     """Put the official behaviour into `hf_model` (in place) for the differences `numbers` (default: all of
     `variant`'s); `official_state` gives what the format lost (item 6). Returns the model."""
-    if isinstance(get_variant(variant).backbone, ViTSTAConfig) and not hasattr(hf_model.model.conv_encoder, "backbone"):
-        raise ValueError(f"the given model is not a transformers DEIMv2-{variant}")
+    if not hasattr(getattr(hf_model, "model", None), "enc_output"):
+        raise ValueError(f"switch_off needs transformers' Deimv2ForObjectDetection, got {type(hf_model).__name__}")
     for difference in differences_for(variant):
         if numbers is None or difference.number in numbers:
             difference.switch(hf_model, variant, official_state)

@@ -264,7 +264,7 @@ def _dropped(cfg: ModelConfig, key: str) -> bool:
 # --------------------------------------------------------------------------- transformers-only tensors
 
 
-def transformers_only_defaults(variant: str, num_classes: int = 80) -> dict[str, torch.Tensor]:
+def transformers_only_defaults(variant: str) -> dict[str, torch.Tensor]:
     """The tensors `Deimv2ForObjectDetection` has and the official model does not, at the converter's values.
 
     `enc_output` (Linear = identity, LayerNorm weight 1 bias 0) for every size; for s/m (ViT-Tiny) also the
@@ -307,8 +307,6 @@ def official_to_transformers(state: Mapping[str, torch.Tensor], variant: str) ->
     """
     cfg = get_variant(variant)
     rules = _rules(cfg)
-    num_classes = int(state["decoder.enc_score_head.weight"].shape[0]) if "decoder.enc_score_head.weight" in state \
-        else 80
     out: dict[str, torch.Tensor] = {}
     unmatched = []
     for key, tensor in state.items():
@@ -335,7 +333,7 @@ def official_to_transformers(state: Mapping[str, torch.Tensor], variant: str) ->
     for used, mirror in _MIRRORS:
         for key in [k for k in out if k.startswith(used)]:
             out[mirror + key[len(used):]] = out[key]
-    for key, value in transformers_only_defaults(cfg.name, num_classes).items():
+    for key, value in transformers_only_defaults(cfg.name).items():
         out.setdefault(key, value)
     return out
 
@@ -438,8 +436,7 @@ def transformers_to_official(state: Mapping[str, torch.Tensor], variant: str,
     cfg = get_variant(variant)
     rules = _rules(cfg)
     result = HFConversion(state={})
-    num_classes = int(template["decoder.enc_score_head.weight"].shape[0])
-    defaults = transformers_only_defaults(cfg.name, num_classes)
+    defaults = transformers_only_defaults(cfg.name)
     src = _from_saved_layout(state)
     for used, mirror in _MIRRORS:  # prefer the heads the forward uses; the top-level copies are a fallback
         for key in [k for k in src if k.startswith(mirror)]:
