@@ -12,7 +12,7 @@ SHARED ?= $(abspath ../shared)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[export,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[export,train,dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)

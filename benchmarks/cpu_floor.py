@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from deimv2_deploy.exporters.common import load_reference
+    from deimv2_deploy.models.reference import load_reference
 
     speed = speed_rows(Path(args.speed))
     sizes = [s for s in (SIZES if args.sizes == ["all"] else args.sizes) if s in speed]

@@ -155,8 +155,9 @@ def profile_size(size: str, folder: Path, iters: int) -> dict[str, Any]:
     import openvino as ov
     import torch
 
-    from deimv2_deploy.exporters.common import artifact_name, load_reference
+    from deimv2_deploy.exporters.common import artifact_name
     from deimv2_deploy.exporters.parity import parity_batch
+    from deimv2_deploy.models.reference import load_reference
     from deimv2_deploy.spec import ArtifactSpec
 
     torch.set_num_threads(1)
@@ -192,9 +193,11 @@ def profile_size(size: str, folder: Path, iters: int) -> dict[str, Any]:
 
 def write_report(lines: list[str], out: str | None) -> int:
     """Print the markdown report and, with --out, write it there."""
+    from deimv2_deploy.files import write_text
+
     text = "\n".join(lines) + "\n"
     if out:
-        Path(out).write_text(text)
+        write_text(out, text)
     print(text)
     return 0
 

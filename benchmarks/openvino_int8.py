@@ -23,9 +23,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from deimv2_deploy.benchmarks.sysinfo import INT8_DOT_PRODUCT, cpu_info, has_int8_dot_product
+from deimv2_deploy.cpu import INT8_DOT_PRODUCT, cpu_info, has_int8_dot_product
 from deimv2_deploy.exporters.openvino_export import drift_summary, export_openvino
 from deimv2_deploy.exporters.parity import match_detections, parity_images
+from deimv2_deploy.files import write_text
 from deimv2_deploy.runtimes.openvino_backend import OpenVinoRuntime
 
 EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "media" / "example.jpg"
@@ -73,8 +74,8 @@ def time_round_robin(runtimes: dict[str, OpenVinoRuntime], inputs: dict[str, dic
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from deimv2_deploy.exporters.common import load_reference
     from deimv2_deploy.models.graph import DeployGraph
+    from deimv2_deploy.models.reference import load_reference
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["atto", "s"])
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for size, name, *_, desc in rows:
         keys = ("precision", "inference_precision", "performance_mode", "streams", "threads")
         lines.append(f"- {size} {name}: " + ", ".join(f"{key} {desc.get(key)}" for key in keys))
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

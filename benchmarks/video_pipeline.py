@@ -38,6 +38,7 @@ import numpy as np
 
 from deimv2_deploy.benchmarks.sysinfo import cpu_info
 from deimv2_deploy.drawing import annotate
+from deimv2_deploy.files import write_text
 from deimv2_deploy.runtimes import load_runtime
 from deimv2_deploy.video import open_source, run_video, write_synthetic_video
 
@@ -194,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- {r['size']} / {r['config']}: " + "; ".join(f"{k} {v}" for k, v in r["runs"].items()))
     if notes:
         lines += [""] + [f"Note: {n}" for n in notes]
-    Path(args.markdown).write_text("\n".join(lines) + "\n")
+    write_text(args.markdown, "\n".join(lines) + "\n")
     print(f"wrote {args.markdown}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 

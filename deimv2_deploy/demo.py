@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "PARTS"]
+__all__ = ["main", "PARTS", "quick_atto_table"]
 
 PARTS = ("table", "export", "video", "bench")
 
@@ -119,9 +120,25 @@ def video_demo(artifact: Path, out_dir: Path, frames: int = 120) -> Path:
     return output
 
 
-def bench_demo(store: Path) -> None:
-    from deimv2_deploy.benchmarks.harness import quick_atto_table
+def quick_atto_table(store_dir: str | os.PathLike | None = None, iters: int = 30, threads: int | None = None) -> str:
+    """The CPU-tier table of DEIMv2-atto on every backend (random weights, batch 1), as markdown.
 
+    Exports the ONNX/OpenVINO artifacts into `store_dir` when they are not there yet.
+    """
+    from deimv2_deploy.benchmarks import BenchConfig, run_benchmark, to_markdown
+    from deimv2_deploy.runtimes.base import Backend
+
+    command = (f"deimv2-bench --sizes atto --backends all --iters {iters} --warmup 5 --random-weights"
+               + (f" --checkpoint-dir {store_dir}" if store_dir is not None else "")
+               + (f" --threads {threads}" if threads else ""))
+    config = BenchConfig(sizes=("atto",), backends=tuple(b.value for b in Backend), precisions=("fp32",), device="cpu",
+                         threads=threads, warmup=5, iters=iters, random_weights=True,
+                         checkpoint_dir=None if store_dir is None else str(store_dir), progress=False,
+                         keep_samples=False, command=command)
+    return to_markdown(run_benchmark(config))
+
+
+def bench_demo(store: Path) -> None:
     print(quick_atto_table(store, iters=30, threads=2))
 
 

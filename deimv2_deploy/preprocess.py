@@ -22,7 +22,10 @@ import numpy as np
 
 from deimv2_deploy.spec import ArtifactSpec
 
-__all__ = ["Transform", "PreparedBatch", "Preprocessor", "as_rgb_uint8", "resize_like_pil", "letterbox"]
+__all__ = ["Transform", "PreparedBatch", "Preprocessor", "as_rgb_uint8", "image_list", "resize_like_pil", "letterbox"]
+
+_NONE_IMAGE = ("image is None (cv2.imread returns None when a file is missing or cannot be decoded): check the path, "
+               "or read it with deimv2_deploy.media.read_image, which says what is wrong")
 
 PAD_VALUE = 114
 
@@ -36,13 +39,18 @@ class Transform:
     pad: tuple[float, float] = (0.0, 0.0)  # (left, top) padding on the canvas (letterbox only)
     letterboxed: bool = False
 
-    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
-        """Boxes (N, 4) xyxy from graph output coordinates to original-image pixels."""
-        if not self.letterboxed:
-            return boxes  # the graph already scaled them by orig_target_sizes
+    def boxes_to_original(self, boxes: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Boxes (N, 4) xyxy from graph output coordinates to original-image pixels, clipped to the image unless
+        `clip` is False (the model's boxes may reach a little past its edges: a 1x1 image would get x1 = -0.023)."""
         out = boxes.astype(np.float32, copy=True)
-        out[:, 0::2] = (out[:, 0::2] - self.pad[0]) / self.scale[0]
-        out[:, 1::2] = (out[:, 1::2] - self.pad[1]) / self.scale[1]
+        if self.letterboxed:  # else the graph already scaled them by orig_target_sizes
+            out[:, 0::2] = (out[:, 0::2] - self.pad[0]) / self.scale[0]
+            out[:, 1::2] = (out[:, 1::2] - self.pad[1]) / self.scale[1]
+        if not clip:
+            return out
+        h, w = self.orig_size
+        np.clip(out[:, 0::2], 0.0, float(w), out=out[:, 0::2])
+        np.clip(out[:, 1::2], 0.0, float(h), out=out[:, 1::2])
         return out
 
 
@@ -56,20 +64,38 @@ class PreparedBatch:
         return {"images": self.images, "orig_target_sizes": self.orig_target_sizes}
 
 
+def image_list(images: np.ndarray | Sequence[np.ndarray] | None) -> tuple[list[np.ndarray], bool]:
+    """(the images as a list, whether one image was given rather than a list); clear errors for None (what
+    cv2.imread returns for a missing file) and for arrays that are no image."""
+    if images is None:
+        raise ValueError(_NONE_IMAGE)
+    if isinstance(images, np.ndarray):
+        if images.ndim in (2, 3):
+            return [images], True
+        if images.ndim != 4:
+            raise ValueError(f"image must have shape (H, W, 3), got an array of shape {images.shape}")
+    items = list(images)
+    if not items:
+        raise ValueError("no images given")
+    return items, False
+
+
 def as_rgb_uint8(image: np.ndarray, color: str = "bgr") -> np.ndarray:
     """A (H, W, 3) uint8 RGB view/copy of `image` (BGR or RGB; gray and 4-channel accepted)."""
+    if image is None:
+        raise ValueError(_NONE_IMAGE)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array (H, W, 3) uint8, got {type(image).__name__}; "
                         "read files with deimv2_deploy.media.read_image")
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 (0..255), got dtype {image.dtype}; convert with "
                          "np.clip(x * 255, 0, 255).astype(np.uint8) if it is float in [0, 1]")
+    if image.ndim in (2, 3) and (image.shape[0] < 1 or image.shape[1] < 1):
+        raise ValueError(f"image is empty: shape {image.shape}")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
         return cv2.cvtColor(image.reshape(image.shape[0], image.shape[1]), cv2.COLOR_GRAY2RGB)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"image must have shape (H, W, 3), got {image.shape}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image is empty: shape {image.shape}")
     if color not in ("bgr", "rgb"):
         raise ValueError(f"color must be 'bgr' or 'rgb', got {color!r}")
     if image.shape[2] == 4:
@@ -159,11 +185,8 @@ class Preprocessor:
         return chw, target, transform
 
     def __call__(self, images: np.ndarray | Sequence[np.ndarray], color: str = "bgr") -> PreparedBatch:
-        if isinstance(images, np.ndarray) and images.ndim in (2, 3):
-            images = [images]
+        images, _ = image_list(images)
         n = len(images)
-        if n == 0:
-            raise ValueError("no images given")
         batch = np.empty((n, 3, *self.spec.input_size), np.float32)
         targets = np.empty((n, 2), np.int64)
         transforms = []

@@ -7,17 +7,22 @@ reads it from there and never guesses normalisation from a file name. Stored as 
 from __future__ import annotations
 
 import json
+import numbers
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from deimv2_deploy.classes import COCO_CLASSES
+from deimv2_deploy import __version__
+from deimv2_deploy.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from deimv2_deploy.variants import get_variant_info
 
-__all__ = ["ArtifactSpec", "METADATA_KEY", "SPEC_FORMAT", "RESIZE_MODES"]
+__all__ = ["ArtifactSpec", "METADATA_KEY", "SPEC_FORMAT", "RESIZE_MODES", "EXPORTER", "resolve_spec"]
 
 METADATA_KEY = "deimv2.spec"
 SPEC_FORMAT = 1
 RESIZE_MODES = ("stretch", "letterbox")
+EXPORTER = f"deimv2-deploy {__version__}"  # the `exporter` of every artifact (and reference) this package makes
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class ArtifactSpec:
     std: tuple[float, float, float] | None
     resize: str = "stretch"  # how images are brought to input_size: "stretch" (official eval) or "letterbox"
     class_names: tuple[str, ...] = COCO_CLASSES
+    # dataset category id of each label (custom classes); None: the COCO-80 ids when class_names are COCO's
+    category_ids: tuple[int, ...] | None = None
     top_k: int = 300  # detections per image the graph returns
     weights: str = "unknown"  # where the weights came from (checkpoint path + sha256, or "random ...")
     random_weights: bool = False  # True: deterministic untrained weights, for plumbing and timing only
@@ -50,6 +57,8 @@ class ArtifactSpec:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         object.__setattr__(self, "input_size", (int(h), int(w)))
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.category_ids is not None:
+            object.__setattr__(self, "category_ids", _checked_category_ids(self.category_ids, len(self.class_names)))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -77,6 +86,7 @@ class ArtifactSpec:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         d["class_names"] = list(self.class_names)
+        d["category_ids"] = None if self.category_ids is None else list(self.category_ids)
         for name in ("mean", "std"):
             d[name] = None if d[name] is None else list(d[name])
         return d
@@ -92,6 +102,8 @@ class ArtifactSpec:
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["input_size"] = tuple(kwargs["input_size"])
+        if kwargs.get("category_ids") is not None:
+            kwargs["category_ids"] = tuple(kwargs["category_ids"])
         return cls(**kwargs)
 
     @classmethod
@@ -114,6 +126,12 @@ class ArtifactSpec:
         text = metadata.get(METADATA_KEY)
         return None if text is None else cls.from_json(text)
 
+    def dataset_category_ids(self) -> tuple[int, ...] | None:
+        """The dataset category id of each label: `category_ids`, else COCO's 80 ids for a COCO-80 model, else None."""
+        if self.category_ids is not None:
+            return self.category_ids
+        return COCO_CATEGORY_IDS if self.class_names == COCO_CLASSES else None
+
     # --- for people ---------------------------------------------------------------------------------
     def describe(self) -> str:
         norm = "ImageNet mean/std" if self.mean is not None else "none"
@@ -121,3 +139,53 @@ class ArtifactSpec:
         weights = "RANDOM (deterministic, untrained: not for real detection)" if self.random_weights else self.weights
         return (f"DEIMv2-{self.variant} {self.input_size[0]}x{self.input_size[1]}, normalisation {norm}, "
                 f"resize {self.resize}, {self.precision}, batch {batch}, weights: {weights}")
+
+
+def _checked_category_ids(ids: object, num_classes: int) -> tuple[int, ...]:
+    """One integer id >= 0 per class, all different (COCO ids are usually 1.., Roboflow exports start at 0)."""
+    try:
+        values = tuple(ids)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"category_ids must be a sequence of integers, got {ids!r}") from None
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad:
+        raise ValueError(f"category_ids must be integers >= 0, got {bad[:5]}")
+    values = tuple(int(v) for v in values)
+    if len(values) != num_classes:
+        raise ValueError(f"category_ids has {len(values)} ids but there are {num_classes} class names; "
+                         "give one dataset category id per class")
+    if len(set(values)) != len(values):
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        raise ValueError(f"category_ids must be unique, got {dupes} more than once")
+    return values
+
+
+def resolve_spec(stored: ArtifactSpec | None, path: str | os.PathLike, variant: str | None, *,
+                 where: str = "deimv2-deploy metadata", input_hw: Sequence[int | None] | None = None,
+                 batch: int | None = None, example: str = "load_runtime(path, variant='atto') or --variant atto",
+                 **official: Any) -> ArtifactSpec:
+    """The spec an artifact runs with; every backend (and the TensorRT exporter) resolves it here.
+
+    `stored`: the spec the artifact carries (ONNX metadata, IR rt_info, engine sidecar), None where it has none.
+    Then `variant` (the size the user named) must agree with it. Without one (an official-exporter ONNX, a
+    `trtexec` engine) the user must name the size, and the official preprocessing of that size is used, checked
+    against the graph's image input size `input_hw` (height, width; None or negative where dynamic) and fixed at
+    the graph's `batch` when that is static. `official`: fields to set on such a spec (e.g. precision).
+    `where` names what was looked for, `example` how to pass the size, in the errors.
+    """
+    if stored is not None:
+        if variant is not None and get_variant_info(variant).name != stored.variant:
+            raise ValueError(f"{path} is DEIMv2-{stored.variant} (from its {where}), not {variant!r}")
+        return stored
+    if variant is None:
+        raise ValueError(f"{path} has no {where} (an official export?): pass the size, e.g. {example}")
+    spec = ArtifactSpec.for_official_export(variant)
+    if official:
+        spec = spec.with_(**official)
+    hw = tuple(input_hw) if input_hw is not None else ()
+    if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and hw != spec.input_size:
+        raise ValueError(f"{path} takes {hw[0]}x{hw[1]} images but DEIMv2-{spec.variant} uses "
+                         f"{spec.input_size[0]}x{spec.input_size[1]}: is it really size {variant!r}?")
+    if batch is not None and batch > 0:
+        spec = spec.with_(batch=int(batch))
+    return spec

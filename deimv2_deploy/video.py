@@ -14,7 +14,10 @@ Three threads, joined by bounded queues (memory stays flat whatever the video's 
 OpenCV and the inference libraries release the GIL, so the stages overlap. Frames keep their order (every stage
 is one FIFO). End of stream travels as a sentinel; an error in any stage is handed to the caller, which stops the
 other stages, joins them, keeps what was written as `<name>.partial.mp4` / `<name>.partial.jsonl` and re-raises.
-Successful output is written under a temporary name and renamed at the end.
+Successful output is written under a temporary name, verified (the video reads back with every frame, the JSON
+lines file has one line per frame) and only then renamed onto its final name (`deimv2_deploy.files`). A frame
+the encoder cannot write (a full disk) stops the run at once. SIGTERM and SIGHUP stop a run as Ctrl-C does
+(`deimv2_deploy.signals`).
 
 Async hook (duck-typed, as `OpenVinoRuntime` has it): a runtime with `submit(inputs, userdata)` (starts one graph
 call; blocks only while all its requests are busy) and `results(wait: bool) -> [(userdata, outputs), ...]`
@@ -24,6 +27,7 @@ Torch-free: this module needs only numpy, OpenCV and (for the progress bar) tqdm
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -42,8 +46,10 @@ import numpy as np
 
 from deimv2_deploy.detections import Detections
 from deimv2_deploy.drawing import annotate
-from deimv2_deploy.media import atomic_path
+from deimv2_deploy.files import AtomicWrite, free_bytes, partial_path
+from deimv2_deploy.native import native_output_captured
 from deimv2_deploy.preprocess import PreparedBatch
+from deimv2_deploy.signals import shielded, stop_signals_as_interrupt
 
 __all__ = ["stream", "run_video", "VideoSummary", "VideoSourceError", "VideoSource", "open_source",
            "preview_unavailable_reason", "partial_path", "write_synthetic_video", "video_runtime_options", "STAGES"]
@@ -457,14 +463,70 @@ def preview_unavailable_reason() -> str | None:
     return None
 
 
-def partial_path(path: Path) -> Path:
-    """`out.mp4` -> `out.partial.mp4`: where the output of a failed run is kept."""
-    return path.with_name(f"{path.stem}.partial{path.suffix}")
+def _open_video_writer(path: Path, fps: float, size: tuple[int, int], final: Path | None = None) -> Any:
+    """An mp4v cv2.VideoWriter on `path`, or the reason it cannot be one: the folder (read-only, not writable,
+    full: the OSError of creating the file) or the container."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    if writer.isOpened():
+        return writer
+    writer.release()
+    try:
+        with open(path, "wb"):  # raises what keeps OpenCV from creating the file (EROFS, EACCES, ENOSPC...)
+            pass
+    except OSError as e:
+        e.filename = str(final or path)
+        raise
+    path.unlink(missing_ok=True)
+    what = f"{final or path}, {size[0]}x{size[1]} @ {fps:g} fps"
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"OpenCV cannot write mp4v video into a {path.suffix} file ({what}): use an .mp4 output name")
+    raise ValueError(f"OpenCV cannot write mp4v video ({what}): this OpenCV build may lack FFmpeg's video writer; "
+                     "install opencv-python-headless from PyPI")
 
 
-def _temp_path(path: Path) -> Path:
-    # same folder (so the final rename is atomic) and same suffix (VideoWriter picks the container from it)
-    return path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
+def _write_frame(writer: Any, image: np.ndarray, index: int, final: Path) -> None:
+    """writer.write, or an OSError when the encoder could not write the frame (OpenCV >= 4.9 reports it)."""
+    if writer.write(image) is not False:
+        return
+    free = free_bytes(final.parent)
+    if free is not None and free < max(1 << 20, 2 * image.nbytes):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
+    raise OSError(f"the video encoder could not write frame {index} to {final}")
+
+
+def video_frame_count(path: str | os.PathLike) -> int | None:
+    """Frames a video file holds as its container says (None: it cannot be opened, or does not say). FFmpeg's
+    own complaints about a broken file ("moov atom not found") are kept off the console: the caller says it."""
+    with native_output_captured():
+        capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            return None
+        count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        return int(count) if math.isfinite(count) and count > 0 else None
+    finally:
+        capture.release()
+
+
+def _check_video(final: Path, frames: int) -> Any:
+    """A verify for AtomicWrite: the video reads back with all `frames` frames."""
+    def verify(tmps: list[Path]) -> None:
+        count = video_frame_count(tmps[0])
+        if count is None or count < frames:
+            found = "it cannot be read back" if count is None else f"it holds {count}"
+            raise OSError(f"the video written to {final} is incomplete: {frames} frames were encoded but {found} "
+                          "(was the disk full?)")
+    return verify
+
+
+def _check_lines(final: Path, lines: int) -> Any:
+    """A verify for AtomicWrite: the JSON lines file has `lines` complete lines."""
+    def verify(tmps: list[Path]) -> None:
+        with open(tmps[0], "rb") as fh:
+            found = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+        if found != lines:
+            raise OSError(f"{final} is incomplete: {found} of {lines} lines were written (was the disk full?)")
+    return verify
 
 
 def video_runtime_options(artifact: str | os.PathLike, backend: str | None = None) -> dict[str, Any]:
@@ -489,10 +551,9 @@ def write_synthetic_video(path: str | os.PathLike, frames: int = 120, size: tupl
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
     background = np.dstack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)]).astype(np.uint8)
-    with atomic_path(path) as tmp:  # ends in .mp4: VideoWriter picks the container from the name
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-        if not writer.isOpened():
-            raise OSError(f"OpenCV cannot write an mp4v video to {tmp} (is the folder writable?)")
+    final = Path(path)
+    with AtomicWrite(final, verify=_check_video(final, frames)) as tmp:  # VideoWriter picks the container from .mp4
+        writer = _open_video_writer(tmp, fps, (w, h), final)
         try:
             for i in range(frames):
                 frame = background.copy()
@@ -502,7 +563,7 @@ def write_synthetic_video(path: str | os.PathLike, frames: int = 120, size: tupl
                            (30, 30, 220), -1)
                 cv2.ellipse(frame, (w // 2, h - 80), (90, 40), 3 * i, 0, 360, (220, 180, 30), -1)
                 cv2.putText(frame, f"{i:04d}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
-                writer.write(frame)
+                _write_frame(writer, frame, i, final)
         finally:
             writer.release()
     return Path(path)
@@ -521,10 +582,10 @@ def _json_record(index: int, timestamp: float, dets: Detections) -> str:
 
 
 class _Writer(threading.Thread):
-    def __init__(self, video_tmp: Path | None, json_tmp: Path | None, fps: float, draw: bool, preview: bool,
+    def __init__(self, video: AtomicWrite | None, jsonl: AtomicWrite | None, fps: float, draw: bool, preview: bool,
                  progress: Any, capacity: int) -> None:
         super().__init__(name="deimv2-video-writer", daemon=True)
-        self.video_tmp, self.json_tmp = video_tmp, json_tmp
+        self.video, self.jsonl = video, jsonl
         self.fps, self.draw, self.preview, self.progress = fps, draw, preview, progress
         self.inbox: queue.Queue = queue.Queue(maxsize=capacity)
         self.clock = _Clock()
@@ -545,11 +606,21 @@ class _Writer(threading.Thread):
                 if self.error is None and not self.user_stop.is_set():
                     self._write(*item)
         except BaseException as e:  # noqa: BLE001 - handed to the caller, which re-raises it
-            self.error = e
-            self.failed.set()
+            self._failed(e)
             self._drain()
         finally:
-            self._close()
+            try:
+                self._close()
+            except BaseException as e:  # noqa: BLE001 - e.g. the last JSON lines cannot be flushed to a full disk
+                self._failed(e)
+
+    def _failed(self, error: BaseException) -> None:
+        if self.error is None:
+            for out in (self.jsonl, self.video):  # an OSError naming no file comes from writing the JSON lines
+                if out is not None:
+                    out.name_error(error)  # the final file's name, not the temporary one's
+            self.error = error
+        self.failed.set()
 
     def _drain(self) -> None:
         while True:  # keep taking items so the caller never blocks on a full queue, until it says end
@@ -563,7 +634,7 @@ class _Writer(threading.Thread):
             self._open()
         image = annotate(frame, dets, copy=False) if self.draw else frame  # the frame is ours alone: draw in place
         if self._video is not None:
-            self._video.write(image)
+            _write_frame(self._video, image, index, self.video.finals[0])
         if self._json is not None:
             self._json.write(_json_record(index, timestamp, dets) + "\n")
         self.frames_written += 1
@@ -576,24 +647,18 @@ class _Writer(threading.Thread):
             self.progress.update(1)
 
     def _open(self) -> None:
-        if self.video_tmp is not None:
-            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-            self._video = cv2.VideoWriter(str(self.video_tmp), fourcc, self.fps, self.size)
-            if not self._video.isOpened():
-                self._video = None
-                raise OSError(f"cannot open a video writer for {self.video_tmp.suffix} files (codec mp4v, "
-                              f"{self.size[0]}x{self.size[1]} @ {self.fps:g} fps): use an .mp4 output name, and "
-                              "check the folder is writable")
-        if self.json_tmp is not None:
-            self._json = open(self.json_tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed in _close
+        if self.video is not None:
+            self._video = _open_video_writer(self.video.tmp, self.fps, self.size, self.video.finals[0])
+        if self.jsonl is not None:
+            self._json = open(self.jsonl.tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed in _close
 
     def _close(self) -> None:
-        if self._video is not None:
-            self._video.release()  # writes the container index: a partial file stays playable
-            self._video = None
-        if self._json is not None:
-            self._json.close()
-            self._json = None
+        video, self._video = self._video, None
+        if video is not None:
+            video.release()  # writes the container index: a partial file stays playable
+        json_file, self._json = self._json, None
+        if json_file is not None:
+            json_file.close()  # raises when the last lines cannot be written
         if self.preview:
             try:
                 cv2.destroyAllWindows()
@@ -601,18 +666,33 @@ class _Writer(threading.Thread):
                 pass
 
 
-def _finalise(tmp: Path | None, final: Path | None, ok: bool, has_frames: bool) -> Path | None:
-    """Rename the temporary output onto its final name (ok) or `<name>.partial<ext>` (failed); None if removed."""
-    if tmp is None or final is None:
-        return None
-    if not tmp.exists():
-        return None
-    if not has_frames:
-        tmp.unlink()
-        return None
-    target = final if ok else partial_path(final)
-    os.replace(tmp, target)
-    return target
+def _finalise(video: AtomicWrite | None, jsonl: AtomicWrite | None, frames: int, error: BaseException | None
+              ) -> tuple[BaseException | None, list[Path]]:
+    """Publish the outputs when the run succeeded and every one verifies (the video reads back with all its
+    frames, the JSON lines file has a line per frame); else keep what is usable as `<name>.partial<ext>`.
+    Returns (the run's error, or the verification's; the paths now on disk)."""
+    outputs = [o for o in (video, jsonl) if o is not None]
+    if frames == 0:
+        for out in outputs:
+            out.discard()
+        return error, []
+    if video is not None:
+        video.verify = _check_video(video.finals[0], frames)
+    if jsonl is not None:
+        jsonl.verify = _check_lines(jsonl.finals[0], frames)
+    if error is None:
+        try:
+            for out in outputs:  # all verified before any is published
+                out.check()
+            return None, [path for out in outputs for path in out.publish()]
+        except OSError as e:
+            error = e
+    kept = []
+    if video is not None:
+        kept += video.keep_partial(check=lambda p: video_frame_count(p) is not None)  # an unplayable one is removed
+    if jsonl is not None:
+        kept += jsonl.keep_partial()
+    return error, kept
 
 
 # --- run_video -------------------------------------------------------------------------------------------
@@ -645,64 +725,79 @@ def run_video(runtime: Any, source: str | int | os.PathLike, *, output: str | os
             warnings.warn(f"no preview window: {reason}", RuntimeWarning, stacklevel=2)
             preview = False
 
-    for p in (out_path, jsonl_path):
-        if p is not None:
-            p.parent.mkdir(parents=True, exist_ok=True)
     kind, target = _parse_source(source)
     if out_path is not None and kind == "file" and out_path.resolve() == target.resolve():
         raise ValueError(f"output {out_path} is the input video: choose another output name")
-    src = open_source(source)
+    with stop_signals_as_interrupt():  # SIGTERM / SIGHUP end the run as Ctrl-C does: partial output kept
+        src = open_source(source)
+        try:  # the output folders only now: a source that cannot be read leaves none behind
+            video_out = AtomicWrite(out_path).prepare() if out_path is not None else None
+            jsonl_out = AtomicWrite(jsonl_path).prepare() if jsonl_path is not None else None
+        except BaseException:
+            src.release()
+            raise
+        return _run_pipeline(runtime, src, video_out, jsonl_out, score_threshold=score_threshold, batch=batch,
+                             max_frames=max_frames, draw=draw, progress=progress, preview=preview,
+                             capacity=capacity, max_detections=max_detections)
+
+
+def _run_pipeline(runtime: Any, src: VideoSource, video_out: AtomicWrite | None, jsonl_out: AtomicWrite | None, *,
+                  score_threshold: float, batch: int, max_frames: int | None, draw: bool, progress: bool,
+                  preview: bool, capacity: int, max_detections: int | None) -> VideoSummary:
     expected = src.frame_count if max_frames is None else (min(src.frame_count, max_frames)
                                                            if src.frame_count else max_frames)
-    video_tmp = _temp_path(out_path) if out_path is not None else None
-    json_tmp = _temp_path(jsonl_path) if jsonl_path is not None else None
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=expected, unit="frame", desc=Path(src.name).name if src.kind == "file" else src.name,
-                   dynamic_ncols=True, smoothing=0.1)
-
     reader = _Reader(src, runtime, batch, max_frames, capacity)
-    writer = _Writer(video_tmp, json_tmp, src.fps, draw, preview, bar, capacity * batch)
+    writer = _Writer(video_out, jsonl_out, src.fps, draw, preview, None, capacity * batch)
     infer_clock = _Clock()
     start = time.perf_counter()
     error: BaseException | None = None
-    writer.start()
-    batches = _infer_batches(runtime, reader, score_threshold, max_detections, infer_clock)
     try:
-        for item, dets in batches:
-            for record in zip(item.indices, item.timestamps, item.frames, dets, strict=True):
-                if not _put(writer.inbox, record, writer.failed):
-                    raise writer.error  # type: ignore[misc]  # the writer failed: stop feeding it
-            if writer.user_stop.is_set():
-                break
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=expected, unit="frame", desc=Path(src.name).name if src.kind == "file" else src.name,
+                       dynamic_ncols=True, smoothing=0.1)
+            writer.progress = bar
+        writer.start()
+        batches = _infer_batches(runtime, reader, score_threshold, max_detections, infer_clock)
+        try:
+            for item, dets in batches:
+                for record in zip(item.indices, item.timestamps, item.frames, dets, strict=True):
+                    if not _put(writer.inbox, record, writer.failed):
+                        raise writer.error  # type: ignore[misc]  # the writer failed: stop feeding it
+                if writer.user_stop.is_set():
+                    break
+        finally:
+            with shielded():
+                batches.close()  # stops and joins the reader
     except BaseException as e:  # noqa: BLE001 - finalised below, then re-raised
         error = e
-    finally:
-        batches.close()  # stops and joins the reader
-        writer.inbox.put(_END)  # the writer drains until _END even after a failure, so this cannot block for long
-        writer.join()
+    with shielded():  # a stop signal now waits until the outputs are published or kept as partial
+        if writer.ident is not None:  # started
+            writer.inbox.put(_END)  # the writer drains until _END even after a failure: this cannot block long
+            writer.join()
         if bar is not None:
             bar.close()
-    if error is None and writer.error is not None:
-        error = writer.error
-    stopped = writer.user_stop.is_set()
-    if isinstance(error, KeyboardInterrupt) and src.live:  # Ctrl-C is how a camera or stream run ends
-        error, stopped = None, True
-    wall = time.perf_counter() - start
-
-    ok = error is None
-    has_frames = writer.frames_written > 0
-    final_video = _finalise(video_tmp, out_path, ok, has_frames)
-    final_json = _finalise(json_tmp, jsonl_path, ok, has_frames)
+        if error is None and writer.error is not None:
+            error = writer.error
+        stopped = writer.user_stop.is_set()
+        if isinstance(error, KeyboardInterrupt) and src.live:  # Ctrl-C is how a camera or stream run ends
+            error, stopped = None, True
+        if reader.ident is None:
+            src.release()  # the reader never started (when it runs, it releases the source itself)
+        wall = time.perf_counter() - start
+        error, written = _finalise(video_out, jsonl_out, writer.frames_written, error)
     if error is not None:
-        kept = [str(p) for p in (final_video, final_json) if p is not None]
-        if kept:
-            error.add_note(f"deimv2 video: stopped after {writer.frames_written} frames; partial output kept: "
-                           + ", ".join(kept))
+        if written:
+            error.add_note(f"{writer.frames_written} frames done; partial output kept: " + ", ".join(map(str, written)))
+        elif writer.frames_written and (video_out or jsonl_out):
+            error.add_note(f"{writer.frames_written} frames done; nothing usable was written")
         raise error
-
+    final_video = video_out.finals[0] if video_out is not None else None
+    final_json = jsonl_out.finals[0] if jsonl_out is not None else None
+    if not writer.frames_written:
+        final_video = final_json = None
     stages = {**reader.clock.seconds}
     stages["infer"] = infer_clock.seconds["infer"]
     stages["draw+encode"] = writer.clock.seconds["draw+encode"]

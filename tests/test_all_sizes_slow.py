@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from deimv2_deploy.exporters.common import load_reference
 from deimv2_deploy.exporters.parity import (
     FP32_BOX_TOL,
     FP32_SCORE_TOL,
@@ -17,6 +16,7 @@ from deimv2_deploy.exporters.parity import (
     reference_outputs,
 )
 from deimv2_deploy.models.graph import DeployGraph
+from deimv2_deploy.models.reference import load_reference
 from deimv2_deploy.runtimes import load_runtime
 from deimv2_deploy.variants import VARIANT_NAMES
 

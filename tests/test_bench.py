@@ -329,3 +329,24 @@ def test_video_mode_times_frames_of_a_file(tmp_path):
     short = run_benchmark(fake_config(backends=("fake",), mode="video", video=str(path), warmup=2, iters=50,
                                       parity=False), loaders=fake_loaders(fake={}))
     assert short.rows[0].status == "ok" and short.rows[0].latency.count == 12 - 2
+
+
+def test_a_new_kind_of_row_is_one_table_entry(atto_onnx, monkeypatch):
+    """backend x precision x format: here ONNX Runtime on the store's FP32 ONNX with basic graph optimisation, as
+    a precision of its own; nothing but the entry in ROW_KINDS is added."""
+    from deimv2_deploy.benchmarks import artifacts
+
+    entry = artifacts.RowKind("onnxruntime", artifacts.ONNX, artifact_precision="fp32",
+                              options={"optimization": "basic"}, notes=("basic graph optimisation",))
+    monkeypatch.setitem(artifacts.ROW_KINDS, ("onnxruntime", "fp32-basic"), entry)
+    config = BenchConfig(sizes=("atto",), backends=("torch", "onnxruntime"), precisions=("fp32", "fp32-basic"),
+                         warmup=1, iters=2, threads=1, random_weights=True, checkpoint_dir=str(atto_onnx.path.parent),
+                         progress=False, command="pytest")
+    rows = {(r.backend, r.precision): r for r in run_benchmark(config).rows}
+    row = rows[("onnxruntime", "fp32-basic")]
+    assert row.status == "ok", row.reason
+    assert row.artifact == str(atto_onnx.path) and row.artifact_reused  # the FP32 file, found in the store
+    assert "basic graph optimisation" in row.notes and row.parity["ok"], row.parity
+    assert rows[("torch", "fp32-basic")].status == "skipped"  # no such kind of torch row: says so
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        BenchConfig(precisions=("fp8",))

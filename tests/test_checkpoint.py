@@ -54,10 +54,7 @@ def test_hugging_face_folder_round_trips_with_shared_tensors_stored_once(tmp_pat
 
 
 def test_vit_size_checkpoint_round_trip(tmp_path):
-    try:
-        model = apply_deterministic_weights(build_model("s"), seed=1)
-    except NotImplementedError as e:
-        pytest.skip(f"DEIMv2-s not built yet: {e}")
+    model = apply_deterministic_weights(build_model("s"), seed=1)
     path = tmp_path / "s.pth"
     torch.save({"ema": {"module": model.state_dict()}}, path)
     _assert_same_weights(load_model(path, variant="s"), model.state_dict())

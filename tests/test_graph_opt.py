@@ -60,10 +60,10 @@ def test_rope_prefix_rows_are_the_identity_rotation():
 def test_official_style_onnx_is_the_plain_dynamic_trace(tmp_path):
     import onnx
 
-    from deimv2_deploy.exporters.common import load_reference
     from deimv2_deploy.exporters.onnx_export import export_official_style_onnx
     from deimv2_deploy.exporters.parity import match_detections, parity_batch, reference_outputs
     from deimv2_deploy.models.graph import DeployGraph
+    from deimv2_deploy.models.reference import load_reference
     from deimv2_deploy.runtimes import load_runtime
 
     path = export_official_style_onnx("atto", random_weights=True, output_dir=tmp_path)

@@ -42,15 +42,11 @@ from deimv2_deploy.runtimes.tensorrt_backend import (
     TensorRtRuntime,
     check_profile_shape,
     numpy_dtype,
-    parse_cuda_device,
-    parse_version,
-    read_sidecar,
-    sidecar_path,
     to_contract_dtype,
     to_engine_dtype,
-    write_sidecar,
 )
 from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.tensorrt_support import parse_cuda_device, parse_version, read_sidecar, sidecar_path, write_sidecar
 
 TRT_MISSING = TensorRtRuntime.unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(

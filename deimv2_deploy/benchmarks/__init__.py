@@ -4,8 +4,9 @@
     result = run_benchmark(BenchConfig(sizes=("atto",), backends=("torch", "onnxruntime"), random_weights=True))
     print(to_markdown(result))
 
-`stats` (statistics over every timed call), `sysinfo` (machine fingerprint), `harness` (timing of rows, artifacts
-from the model store), `report` (markdown, CSV, JSON, plot).
+`config` (what to run, rows, results), `artifacts` (the table of row kinds and their artifacts in the model store),
+`calls` (what is timed per mode, parity), `timing` (the clocks), `harness` (runs the rows), `stats` (statistics
+over every timed call), `sysinfo` (machine fingerprint), `report` (markdown, CSV, JSON, plot).
 """
 from deimv2_deploy.benchmarks.harness import (
     SCHEMA_VERSION,
@@ -13,7 +14,6 @@ from deimv2_deploy.benchmarks.harness import (
     BenchResult,
     BenchRow,
     Skip,
-    quick_atto_table,
     run_benchmark,
     time_calls,
 )
@@ -29,6 +29,6 @@ from deimv2_deploy.benchmarks.report import (
 from deimv2_deploy.benchmarks.stats import LatencyStats, percentile, summarize
 from deimv2_deploy.benchmarks.sysinfo import system_fingerprint
 
-__all__ = ["BenchConfig", "BenchResult", "BenchRow", "Skip", "run_benchmark", "time_calls", "quick_atto_table",
+__all__ = ["BenchConfig", "BenchResult", "BenchRow", "Skip", "run_benchmark", "time_calls",
            "SCHEMA_VERSION", "to_markdown", "to_csv", "write_markdown", "write_csv", "write_json", "write_plot",
            "load_json", "LatencyStats", "summarize", "percentile", "system_fingerprint"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from deimv2_deploy.benchmarks.harness import SCHEMA_VERSION, BenchResult
-from deimv2_deploy.media import atomic_path
+from deimv2_deploy.files import atomic_write, write_text
 from deimv2_deploy.variants import VARIANT_NAMES, get_variant_info
 
 __all__ = ["to_markdown", "to_csv", "write_markdown", "write_csv", "write_json", "write_plot", "load_json",
@@ -189,23 +189,17 @@ def to_csv(result: BenchResult | dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
 def write_markdown(result: BenchResult | dict[str, Any], path: str | os.PathLike, title: str = "DEIMv2 latency"
                    ) -> Path:
-    return _write_text(path, to_markdown(result, title))
+    return write_text(path, to_markdown(result, title))
 
 
 def write_csv(result: BenchResult | dict[str, Any], path: str | os.PathLike) -> Path:
-    return _write_text(path, to_csv(result))
+    return write_text(path, to_csv(result))
 
 
 def write_json(result: BenchResult | dict[str, Any], path: str | os.PathLike) -> Path:
-    return _write_text(path, json.dumps(_data(result), indent=1, allow_nan=True) + "\n")
+    return write_text(path, json.dumps(_data(result), indent=1, allow_nan=True) + "\n")
 
 
 # --- plot ------------------------------------------------------------------------------------------------
@@ -271,7 +265,7 @@ def write_plot(result: BenchResult | dict[str, Any], path: str | os.PathLike) ->
                  fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import deimv2_deploy
+from deimv2_deploy.files import atomic_write
 
 __all__ = ["BuildResult", "build_library", "build_environment", "find_compiler", "make_ffibuilder", "HEADER_PATH",
            "SOURCE_PATH", "LIBRARY_NAME", "MODULE_NAME"]
@@ -126,17 +127,15 @@ def build_library(output_dir: str | os.PathLike, *, verbose: bool = False) -> Bu
     env = build_environment()
     ffibuilder = make_ffibuilder(env)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deimv2_capi_") as tmp:
         try:
             built = Path(ffibuilder.compile(tmpdir=tmp, target="libdeimv2.*", verbose=verbose))
         except Exception as e:  # cffi reports compiler failures as VerificationError/CompileError
             raise RuntimeError(f"compiling {LIBRARY_NAME} failed: {e}. Rerun with --verbose for the compiler "
                                "output; the Python headers (python3-dev) and a C compiler are needed") from e
-        library = out / LIBRARY_NAME
-        staged = out / f".{LIBRARY_NAME}.tmp"
-        shutil.copy2(built, staged)
-        os.replace(staged, library)  # a program running the old library keeps its (unlinked) copy
-    header = out / HEADER_PATH.name
-    shutil.copy2(HEADER_PATH, header)
+        library, header = out / LIBRARY_NAME, out / HEADER_PATH.name
+        # a program running the old library keeps its (unlinked) copy; header first, library last
+        with atomic_write(library, header) as (library_tmp, header_tmp):
+            shutil.copy2(built, library_tmp)
+            shutil.copy2(HEADER_PATH, header_tmp)
     return BuildResult(library=library, header=header, environment=env)

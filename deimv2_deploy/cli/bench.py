@@ -41,7 +41,7 @@ def parse_sizes(text: str) -> tuple[str, ...]:
 
 
 def parse_backends(text: str) -> tuple[str, ...]:
-    from deimv2_deploy.benchmarks.harness import OFFICIAL_BACKENDS
+    from deimv2_deploy.benchmarks.config import OFFICIAL_BACKENDS
     from deimv2_deploy.runtimes.base import Backend
 
     items = _split(text)

@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the model store)")
     src.add_argument("--random-weights", action="store_true",
                      help="deterministic untrained weights, for plumbing and benchmarks (recorded in the metadata)")
-    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt", "hf"], default="onnx",
-                   help="hf: a transformers DEIMv2 folder (config.json + model.safetensors + preprocessor_config"
-                        ".json); --output-dir is then the folder itself (with 'all': DIR/deimv2_<size>_hf)")
+    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt", "triton", "hf"], default="onnx",
+                   help="triton: a Triton model repository entry (see --triton-backend); hf: a transformers DEIMv2 "
+                        "folder (config.json + model.safetensors + preprocessor_config.json), --output-dir then "
+                        "being the folder itself (with 'all': DIR/deimv2_<size>_hf)")
     p.add_argument("--graph", choices=["auto", "official", "transformers"], default="auto",
                    help="for a transformers checkpoint: the official DEIMv2 graph, or transformers' own (ONNX only); "
                         "auto: transformers' only when the folder was fine-tuned inside transformers "
@@ -55,12 +56,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="TensorRT: the GPU to build on (cuda or cuda:N)")
     p.add_argument("--no-parity", action="store_true",
                    help="TensorRT: skip the engine-vs-ONNX Runtime parity check after the build")
-    from deimv2_deploy.exporters.openvino_export import add_openvino_arguments
+    from deimv2_deploy.exporters.openvino_export import SOURCES
 
-    add_openvino_arguments(p)  # --openvino-source, --onnx (TensorRT builds from --onnx too)
+    p.add_argument("--openvino-source", choices=SOURCES, default="auto",
+                   help="OpenVINO: convert from our ONNX (onnx) or the PyTorch module (torch); auto: the store's ONNX "
+                        "of the same weights if there is one, else the PyTorch module")
+    p.add_argument("--onnx", dest="onnx_path", metavar="FILE",
+                   help="OpenVINO/TensorRT: start from this ONNX file (made by deimv2-export, or the official "
+                        "exporter) instead of exporting the model again")
+    _add_triton_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
+
+
+def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
+    """deimv2-export's Triton options (--format triton)."""
+    from deimv2_deploy.exporters.triton_export import (
+        BACKENDS,
+        DEFAULT_MAX_BATCH,
+        DEFAULT_QUEUE_DELAY_US,
+        KINDS,
+    )
+
+    group = parser.add_argument_group("Triton model repository (--format triton)")
+    group.add_argument("--triton-backend", choices=BACKENDS, default="onnxruntime",
+                       help="Triton backend: onnxruntime (model.onnx), openvino (model.xml/.bin), "
+                            "tensorrt (model.plan)")
+    group.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                       help=f"Triton max_batch_size (dynamic batching up to it; 0: off; default {DEFAULT_MAX_BATCH})")
+    group.add_argument("--triton-model", metavar="FILE",
+                       help="put this exported model in the repository as it is (.onnx, .xml, or a TensorRT "
+                            ".engine/.plan with its .json sidecar) instead of exporting one")
+    group.add_argument("--triton-repository", metavar="DIR", help="model repository (default: <store>/triton)")
+    group.add_argument("--triton-name", help="model name (default: the artifact's name and the backend)")
+    group.add_argument("--triton-instances", type=int, default=1, help="model instances (instance_group count)")
+    group.add_argument("--triton-kind", choices=sorted(KINDS),
+                       help="instance kind (default: cpu for onnxruntime/openvino, gpu for tensorrt)")
+    group.add_argument("--triton-threads", type=int,
+                       help="inference threads per instance (ONNX Runtime intra-op / OpenVINO threads)")
+    group.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                       help=f"longest wait for a batch to fill, microseconds (default {DEFAULT_QUEUE_DELAY_US})")
 
 
 def _export_one(args: argparse.Namespace, size: str):
@@ -73,6 +109,14 @@ def _export_one(args: argparse.Namespace, size: str):
             folder = f"{folder}/{hf_folder_name(size, args.random_weights)}"
         return export_hf_folder(size, checkpoint=args.checkpoint, random_weights=args.random_weights, folder=folder,
                                 quiet=args.quiet)
+    if args.format == "onnx":  # both ONNX paths below
+        if args.precision != "fp32" and not args.fp16:
+            raise ValueError("for ONNX use --fp16 (INT8 is available for --format openvino / tensorrt)")
+        if args.calibration is not None:
+            raise ValueError("--calibration is for INT8 exports: add --format openvino (or tensorrt) --precision int8")
+        if args.onnx_path is not None:
+            raise ValueError("--onnx starts an OpenVINO or TensorRT export from an ONNX file: add --format openvino "
+                             "or --format tensorrt")
     if args.format == "onnx" and args.checkpoint and (args.graph != "auto" or _is_transformers(args.checkpoint)):
         from deimv2_deploy.exporters.transformers_graph import export_checkpoint_onnx
 
@@ -85,8 +129,6 @@ def _export_one(args: argparse.Namespace, size: str):
     if args.format == "onnx":
         from deimv2_deploy.exporters.onnx_export import export_onnx
 
-        if args.precision != "fp32" and not args.fp16:
-            raise ValueError("for ONNX use --fp16 (INT8 is available for --format openvino / tensorrt)")
         return export_onnx(size, opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
                            fp16=args.fp16, quiet=args.quiet, **common)
     if args.format == "openvino":
@@ -95,6 +137,8 @@ def _export_one(args: argparse.Namespace, size: str):
         return export_openvino(size, precision=args.precision, calibration=args.calibration,
                                calibration_size=args.calibration_size, source=args.openvino_source,
                                onnx_path=args.onnx_path, quiet=args.quiet, **common)
+    if args.format == "triton":
+        return _export_triton(args, size)
     from deimv2_deploy.exporters.tensorrt_export import export_tensorrt, parse_dynamic_batch
 
     dynamic = None
@@ -107,6 +151,32 @@ def _export_one(args: argparse.Namespace, size: str):
                            device=args.device, check_parity=not args.no_parity, quiet=args.quiet, **common)
 
 
+def _export_triton(args: argparse.Namespace, size: str):
+    from deimv2_deploy.exporters.triton_export import export_triton
+
+    backend, model_path = args.triton_backend, args.triton_model
+    if backend == "onnxruntime":  # the ONNX file is the model itself
+        model_path = model_path or args.onnx_path
+        options = dict(opset=args.opset, batch=args.batch, simplify=not args.no_simplify)
+        precision = "fp16" if args.fp16 else args.precision
+    elif backend == "openvino":
+        options = dict(calibration=args.calibration, calibration_size=args.calibration_size,
+                       source=args.openvino_source, onnx_path=args.onnx_path)
+        precision = args.precision
+    else:
+        options = dict(calibration=args.calibration, calibration_size=args.calibration_size, batch=args.batch,
+                       workspace_gb=args.workspace, timing_cache=args.timing_cache, fp32_attention=args.fp32_attention,
+                       force=args.force, onnx_path=args.onnx_path, device=args.device, check_parity=not args.no_parity)
+        if args.dynamic_batch not in (None, "dynamic"):
+            options["dynamic_batch"] = args.dynamic_batch
+        precision = args.precision
+    return export_triton(size, backend, model_path=model_path, repository=args.triton_repository,
+                         name=args.triton_name, max_batch=args.max_batch, instances=args.triton_instances,
+                         kind=args.triton_kind, threads=args.triton_threads, queue_delay_us=args.triton_queue_delay_us,
+                         checkpoint=args.checkpoint, random_weights=args.random_weights, precision=precision,
+                         exporter_options=options, output_dir=args.output_dir, quiet=args.quiet)
+
+
 def _is_transformers(checkpoint: str) -> bool:
     from deimv2_deploy.models.checkpoint import checkpoint_format
 
@@ -117,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch is not None and args.batch < 1:
         build_parser().error(f"--batch must be at least 1, got {args.batch}")
-    if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt":
+    if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt" and not (
+            args.format == "triton" and args.triton_backend == "tensorrt"):
         build_parser().error("--dynamic-batch MIN:OPT:MAX is for --format tensorrt; "
                              "ONNX and OpenVINO artifacts are dynamic by default")
 
@@ -129,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             if not args.json:
                 print(f"wrote {result.path}\n  {result.spec.describe()}  ({result.seconds:.1f} s)")
+                if args.format == "triton":
+                    print(f"  serve it: tritonserver --model-repository {result.path.parent.resolve()}")
                 if result.spec.random_weights:
                     print("  NOTE: random weights: detections are meaningless; use an official checkpoint for real use")
         if args.json:

@@ -1,16 +1,25 @@
-"""deimv2-infer ARTIFACT INPUT...: detections on images, folders and videos (any backend)."""
+"""deimv2-infer ARTIFACT INPUT...: detections on images, folders and videos (any backend).
+
+Options go anywhere on the line (`deimv2-infer model.onnx --score 0.5 photo.jpg`). Images: one annotated image
+(and with --json one `<name>.json`) per input in --output-dir, each under a name no other input shares; `--json
+PATH.json` collects every image's detections in one file instead. The exit status is 1 when any input failed.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-from deimv2_deploy.cli import run_cli
+from deimv2_deploy.cli import run_cli, user_message
+from deimv2_deploy.files import write_text
 from deimv2_deploy.media import expand_image_paths, read_image, write_image
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "output_names"]
+
+_JSON_SUFFIXES = (".json", ".jsonl")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", type=float, default=0.4, help="score threshold (default 0.4)")
     p.add_argument("--max-detections", type=int, default=None, metavar="N",
                    help="keep at most the N best detections per image/frame")
-    p.add_argument("--json", nargs="?", const=True, default=None, metavar="PATH",
-                   help="images: write <name>.json beside each annotated image; video: detections as JSON lines "
-                        "to PATH")
+    p.add_argument("--json", nargs="?", const=True, default=None, metavar="PATH.json",
+                   help="alone: <name>.json beside each annotated image (video: <name>.jsonl); with a PATH ending in "
+                        ".json or .jsonl: images: every image's detections in that one file; video: JSON lines")
     p.add_argument("--backend", help="onnxruntime, openvino, tensorrt or torch (default: from the file type)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, GPU/NPU/AUTO for OpenVINO")
     p.add_argument("--variant", help="model size, for files without deimv2 metadata (official-exporter ONNX)")
@@ -54,9 +63,22 @@ def _is_video(args: argparse.Namespace) -> bool:
     return len(args.inputs) == 1 and looks_like_video(args.inputs[0])
 
 
+def _json_flag_alone(argv: list[str]) -> list[str]:
+    """`--json` followed by something that is not a .json/.jsonl name takes no value (`--json photo.jpg` means
+    JSON output for photo.jpg, not JSON written over it)."""
+    out = list(argv)
+    for i, token in enumerate(out):
+        following = out[i + 1] if i + 1 < len(out) else None
+        if token == "--json" and (following is None or not following.lower().endswith(_JSON_SUFFIXES)):
+            out[i] = "--json="
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(_json_flag_alone(sys.argv[1:] if argv is None else argv))
+    if args.json == "":
+        args.json = True
     if not args.inputs and getattr(args, "source", None) is None:
         parser.error("give at least one image, folder or video (or --source for a camera/stream)")
     if not 0.0 <= args.score <= 1.0:
@@ -65,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-detections must be >= 0, got {args.max_detections}")
 
     def body() -> int:
+        import cv2
+
         from deimv2_deploy.runtimes import load_runtime
+
+        # OpenCV's own warnings (an FFmpeg frame it could not write...) would only repeat, less clearly, the one
+        # line this command prints about the problem
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
         options = {"threads": args.threads} if args.threads else {}
         video = _is_video(args)
@@ -93,42 +121,77 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(body, "deimv2-infer")
 
 
+def output_names(paths: list[Path]) -> list[str]:
+    """An output name (no extension) per input, all different: the file's stem; where inputs share it, the stem
+    with the input's extension (photo_jpg, photo_png), then with its folders (a_photo_jpg, b_photo_jpg)."""
+    def name(path: Path, level: int) -> str:
+        base = path.stem if level == 0 else f"{path.stem}_{path.suffix.lstrip('.').lower()}".rstrip("_")
+        folders = [q.name for q in path.resolve().parents][:max(0, level - 1)]
+        return "_".join([*reversed([f for f in folders if f]), base])
+
+    levels = [0] * len(paths)
+    names = [name(p, 0) for p in paths]
+    for _ in range(8):
+        shared = {n for n, count in Counter(names).items() if count > 1}
+        if not shared:
+            return names
+        for i, n in enumerate(names):
+            if n in shared:
+                levels[i] += 1
+                names[i] = name(paths[i], levels[i])
+    seen: Counter[str] = Counter()  # names that still clash (folder names with '_' in them): number them
+    out = []
+    for n in names:
+        seen[n] += 1
+        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return out
+
+
 def _run_images(args: argparse.Namespace, runtime) -> int:
     from deimv2_deploy.drawing import annotate
 
-    paths = expand_image_paths(args.inputs)
+    paths = list({p.resolve(): p for p in expand_image_paths(args.inputs)}.values())  # each file once
+    names = output_names(paths)
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for path in paths:
+    one_file = Path(args.json) if isinstance(args.json, str) else None  # --json PATH: all images in one file
+    if one_file is not None and one_file.resolve() in {p.resolve() for p in paths}:
+        raise ValueError(f"--json {one_file} is one of the inputs: choose another file name")
+    records, failed = [], []
+    for path, name in zip(paths, names, strict=True):
         try:
             image = read_image(path)
-        except (ValueError, FileNotFoundError, IsADirectoryError) as e:
-            print(f"skipped {path}: {e}", file=sys.stderr)
-            failures += 1
+        except (ValueError, OSError) as e:
+            print(f"skipped {path}: {user_message(e)}", file=sys.stderr)
+            failed.append(path)
             continue
         t = time.perf_counter()
         detections = runtime.predict(image, score_threshold=args.score)
         if args.max_detections is not None:
             detections = detections[:args.max_detections]  # predict() returns them best first
         ms = 1e3 * (time.perf_counter() - t)
-        names = {}
-        for name in detections.names:
-            names[name] = names.get(name, 0) + 1
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(names.items(), key=lambda kv: -kv[1])) or "nothing"
+        counts = Counter(detections.names)
+        summary = ", ".join(f"{n} {k}" for k, n in counts.most_common()) or "nothing"
         written = []
         if not args.no_draw:
-            written.append(write_image(out_dir / f"{path.stem}.jpg", annotate(image, detections)))
+            written.append(write_image(out_dir / f"{name}.jpg", annotate(image, detections)))
         if args.json:
             record = {"image": str(path), "artifact": str(args.artifact), **detections.to_dict()}
-            target = out_dir / f"{path.stem}.json"
-            target.write_text(json.dumps(record, indent=1))
-            written.append(target)
+            if one_file is None:
+                written.append(write_text(out_dir / f"{name}.json", json.dumps(record, indent=1) + "\n"))
+            else:
+                records.append(record)
         print(f"{path}: {len(detections)} detections ({summary}) in {ms:.1f} ms"
               + (f" -> {', '.join(map(str, written))}" if written else ""))
-    if failures:
-        print(f"{failures} of {len(paths)} inputs could not be read", file=sys.stderr)
-    return 1 if failures == len(paths) else 0
+    if one_file is not None and records:
+        lines = one_file.suffix.lower() == ".jsonl"
+        text = ("".join(json.dumps(r) + "\n" for r in records) if lines
+                else json.dumps({"artifact": str(args.artifact), "images": records}, indent=1) + "\n")
+        print(f"detections of {len(records)} images -> {write_text(one_file, text)}")
+    if failed:
+        print(f"deimv2-infer: {len(failed)} of {len(paths)} inputs failed (named above); the others were written",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deimv2_deploy.files import write_text
 from deimv2_deploy.media import VIDEO_EXTENSIONS
 
 __all__ = ["add_video_arguments", "run_video", "looks_like_video", "default_outputs"]
@@ -124,23 +125,18 @@ def run_video(args: argparse.Namespace, runtime: Any = None) -> int:
         if reason:
             print(f"no preview window: {reason}", file=sys.stderr)
             preview = False
-    try:
-        summary = run_pipeline(
-            runtime, int(source) if source.isdigit() else source, output=video_out, json_path=jsonl,
-            score_threshold=0.4 if score is None else float(score), batch=getattr(args, "batch", 1),
-            max_frames=getattr(args, "max_frames", None), draw=draw,
-            progress=not getattr(args, "no_progress", False), preview=preview,
-            queue_size=getattr(args, "queue_size", 8), max_detections=getattr(args, "max_detections", None))
-    except BaseException as e:
-        for note in getattr(e, "__notes__", []):  # where the partial output was kept
-            print(note, file=sys.stderr)
-        raise
+    # errors carry a note saying where the partial output was kept; run_cli prints it with the error
+    summary = run_pipeline(
+        runtime, int(source) if source.isdigit() else source, output=video_out, json_path=jsonl,
+        score_threshold=0.4 if score is None else float(score), batch=getattr(args, "batch", 1),
+        max_frames=getattr(args, "max_frames", None), draw=draw,
+        progress=not getattr(args, "no_progress", False), preview=preview,
+        queue_size=getattr(args, "queue_size", 8), max_detections=getattr(args, "max_detections", None))
     print(summary.table())
     target = getattr(args, "summary_json", None)
     if target == "-":
         print(summary.to_json(indent=2))
     elif target:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        write_text(target, json.dumps(summary.to_dict(), indent=2) + "\n")
         print(f"summary written to {target}", file=sys.stderr)
     return 0

@@ -1,7 +1,8 @@
-"""What every exporter shares: the model store, artifact names, the reference model and library versions."""
+"""What every exporter shares: the model store, artifact names, library versions and progress lines.
+
+The reference model they all start from is `deimv2_deploy.models.reference.load_reference`."""
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -10,13 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from deimv2_deploy import __version__
-from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.spec import EXPORTER, ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
 
-__all__ = ["ExportResult", "artifact_name", "resolve_store", "load_reference", "library_versions", "Steps",
-           "EXPORTER"]
-
-EXPORTER = f"deimv2-deploy {__version__}"
+__all__ = ["ExportResult", "artifact_name", "resolve_store", "library_versions", "Steps", "EXPORTER", "deploy_graph"]
 
 
 @dataclass
@@ -39,41 +37,19 @@ def artifact_name(variant: str, precision: str = "fp32", random_weights: bool = 
     return f"{name}{f'_b{batch}' if batch else ''}{ext}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    if path.is_dir():
-        files = sorted(q for q in path.iterdir() if q.is_file())
-    else:
-        files = [path]
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def deploy_graph(variant: str, checkpoint: str | os.PathLike | None, random_weights: bool, store: Path,
+                 graph: Any, weights: str | None, steps: Steps) -> tuple[Any, str]:
+    """(the DeployGraph to export, a description of its weights): `graph` as given (a caller that holds one),
+    else the reference model loaded from the checkpoint, the model store or deterministic random weights."""
+    if graph is not None:
+        steps(f"using the given DEIMv2-{variant} deploy graph")
+        return graph, weights or "unknown"
+    from deimv2_deploy.models.graph import DeployGraph
+    from deimv2_deploy.models.reference import load_reference
 
-
-def load_reference(variant: str, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
-                   store: str | os.PathLike | None = None, seed: int = 0) -> tuple[Any, str]:
-    """(deploy-mode DEIMv2 in eval mode, description of its weights).
-
-    With no checkpoint and no random_weights, the official checkpoint is looked up in the model store; the
-    FileNotFoundError says where.
-    """
-    from deimv2_deploy.models import build_model
-    from deimv2_deploy.models.checkpoint import find_checkpoint, load_model
-    from deimv2_deploy.models.random_weights import apply_deterministic_weights
-
-    info = get_variant_info(variant)
-    if checkpoint is not None and random_weights:
-        raise ValueError("pass either a checkpoint or random_weights, not both")
-    if random_weights:
-        model = apply_deterministic_weights(build_model(info.name), seed=seed)
-        weights = f"random (deterministic, seed {seed}): NOT a trained model"
-    else:
-        path = Path(checkpoint) if checkpoint is not None else find_checkpoint(info.name, store)
-        model = load_model(path, variant=info.name)
-        weights = f"{path.name} sha256:{_sha256(path)[:16]}"
-    return model.eval().deploy().eval(), weights
+    steps(f"loading DEIMv2-{variant} ({'random weights' if random_weights else checkpoint or 'model store'})")
+    model, weights = load_reference(variant, checkpoint, random_weights, store)
+    return DeployGraph(model).eval(), weights
 
 
 def library_versions(*names: str) -> dict[str, str]:

@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from deimv2_deploy.exporters.common import EXPORTER, ExportResult, Steps, _sha256, library_versions, resolve_store
-from deimv2_deploy.media import atomic_path
+from deimv2_deploy.exporters.common import EXPORTER, ExportResult, Steps, library_versions, resolve_store
+from deimv2_deploy.files import atomic_write, file_sha256
 from deimv2_deploy.spec import ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
 
@@ -49,7 +49,7 @@ def _official_weights(variant: str, checkpoint: str | os.PathLike | None, random
         return model.state_dict(), None, "random (deterministic, seed 0): NOT a trained model"
     path = Path(checkpoint) if checkpoint is not None else find_checkpoint(variant, store)
     loaded = load_checkpoint(path, variant)
-    return loaded.state, loaded.class_names, f"{path.name} sha256:{_sha256(path)[:16]}"
+    return loaded.state, loaded.class_names, f"{path.name} sha256:{file_sha256(path)[:16]}"
 
 
 def _key_bias_note(variant: str, state: dict[str, Any]) -> str | None:
@@ -143,10 +143,10 @@ def export_hf_folder(variant: str, *, checkpoint: str | os.PathLike | None = Non
     config = transformers_config(info.name, class_names, official_behaviour=official_behaviour)
     config["dtype"] = "float32"
     dest.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest / "model.safetensors") as tmp:
+    with atomic_write(dest / "model.safetensors") as tmp:
         save_file(saved, str(tmp), metadata={"format": "pt"})
     for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor_config(info.name))):
-        with atomic_path(dest / name) as tmp:
+        with atomic_write(dest / name) as tmp:
             tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
     steps("reading it back (deimv2-deploy loader)")

@@ -3,34 +3,51 @@
 Steps: load the reference (checkpoint from the store, a given path, or deterministic random weights) ->
 deploy() -> trace with the TorchScript exporter (torch's dynamo exporter fails on this graph today) ->
 onnxsim (keeping the dynamic batch axis; constant folding skipped where it breaks, e.g. RoPE in l/x) ->
-optional FP16 -> parity against PyTorch with ONNX Runtime -> metadata -> atomic rename to the final name.
+optional FP16 -> parity against PyTorch with ONNX Runtime -> metadata -> the final name.
+
+All the work happens in a private scratch folder (`deimv2_deploy.files.work_folder`); the model store only ever
+sees the finished file, written under a temporary name, read back and renamed (`deimv2_deploy.files`). Nothing,
+not even the store's folder, is created when loading the checkpoint or tracing fails. onnxsim's console notes
+about nodes it cannot fold are captured and kept in the artifact's build notes.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import shutil
+import sys
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from deimv2_deploy.exporters.common import (
-    EXPORTER,
     ExportResult,
     Steps,
     artifact_name,
+    deploy_graph,
     library_versions,
-    load_reference,
     resolve_store,
 )
-from deimv2_deploy.exporters.parity import ParityError, compare_graph_outputs, parity_batch, reference_outputs
-from deimv2_deploy.media import publish
+from deimv2_deploy.exporters.parity import (
+    ParityError,
+    compare_graph_outputs,
+    parity_batch,
+    reference_outputs,
+    tolerances,
+)
+from deimv2_deploy.files import atomic_write, work_folder
+from deimv2_deploy.native import native_output_captured
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
-from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.spec import EXPORTER, ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["export_onnx", "export_official_style_onnx", "official_style_name", "trace_to_onnx", "write_onnx_with_spec",
-           "run_onnx"]
+           "run_onnx", "publish_onnx", "summarize_onnxsim_output"]
+
+# onnxsim's C++ note for a node constant folding cannot evaluate (the node is kept as it is: harmless)
+_ONNXSIM_SKIP = re.compile(r'failed to run "(?P<op>[^"]+)" op .*skip')
 
 
 def trace_to_onnx(graph: Any, spec: ArtifactSpec, path: Path, opset: int = 17, batch: int | None = None) -> None:
@@ -49,19 +66,41 @@ def trace_to_onnx(graph: Any, spec: ArtifactSpec, path: Path, opset: int = 17, b
                           do_constant_folding=True, dynamo=False)
 
 
-def _simplify(path: Path) -> str:
-    """Simplify in place with onnxsim; returns what was done."""
+def summarize_onnxsim_output(lines: list[str]) -> tuple[str | None, str | None]:
+    """(build note on the nodes onnxsim could not fold, one console line for anything else it printed or None).
+
+    "failed to run "Concat" op ... skip" means constant folding left that node as it was: harmless (parity is
+    checked afterwards), so it goes to the build notes only. Any other output is unexpected and is said."""
+    skipped = Counter(m.group("op") for m in map(_ONNXSIM_SKIP.search, lines) if m)
+    other = [line.strip() for line in lines if not _ONNXSIM_SKIP.search(line)]
+    note = None
+    if skipped:
+        ops = ", ".join(f"{op} x{n}" for op, n in skipped.most_common())
+        note = f"{sum(skipped.values())} nodes left unfolded ({ops})"
+    said = None
+    if other:
+        said = f"onnxsim said: {other[0]}" + (f" (+{len(other) - 1} more lines)" if len(other) > 1 else "")
+    return note, said
+
+
+def _simplify(path: Path, quiet: bool = False) -> str:
+    """Simplify in place with onnxsim; returns what was done. Its console output is captured and summarised."""
     import onnx
     import onnxsim
 
     model = onnx.load(str(path))
     for skip_folding in (False, True):  # constant folding fails on some graphs (l, x RoPE); retry without
         try:
-            simplified, _ = onnxsim.simplify(model, check_n=0, skip_constant_folding=skip_folding)
+            with native_output_captured() as printed:
+                simplified, _ = onnxsim.simplify(model, check_n=0, skip_constant_folding=skip_folding)
             onnx.save(simplified, str(path))
-            return "onnxsim" + (" (constant folding skipped)" if skip_folding else "")
         except Exception as e:  # noqa: BLE001 - onnxsim raises many types; fall back, then give up loudly
             error = e
+            continue
+        note, said = summarize_onnxsim_output(printed)
+        if said and not quiet:
+            print(said, file=sys.stderr, flush=True)
+        return "onnxsim" + (" (constant folding skipped)" if skip_folding else "") + (f": {note}" if note else "")
     warnings.warn(f"onnxsim could not simplify the graph ({error}); keeping the traced graph", stacklevel=2)
     return f"not simplified: {error}"
 
@@ -94,6 +133,25 @@ def run_onnx(path: Path, threads: int | None = None):
     return run
 
 
+def publish_onnx(work: Path, final: Path, spec: ArtifactSpec | None = None) -> Path:
+    """Put the finished ONNX file `work` (from a scratch folder) under `final`: written beside it under a temporary
+    name (with `spec` in its metadata when given), read back, then renamed."""
+    def readable(tmps: list[Path]) -> None:
+        import onnx
+
+        try:
+            onnx.load(str(tmps[0]), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf decode errors have many types
+            raise OSError(f"{final} did not read back as ONNX ({type(e).__name__}): was the disk full?") from e
+
+    with atomic_write(final, verify=readable) as tmp:
+        if spec is None:
+            shutil.copyfile(work, tmp)
+        else:
+            write_onnx_with_spec(work, tmp, spec)
+    return final
+
+
 def write_onnx_with_spec(src: Path, dst: Path, spec: ArtifactSpec) -> None:
     """Copy `src` to `dst` with the spec in metadata_props (replacing any earlier deimv2 entries)."""
     import onnx
@@ -118,44 +176,33 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
     transformers-checkpoint exporter) reuse it instead of loading the checkpoint again; `spec_overrides` are
     ArtifactSpec fields of such a graph (class names, input size, `build` entries such as the graph used).
     """
-    from deimv2_deploy.models.graph import DeployGraph
-
     info = get_variant_info(variant)
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be at least 1 (or None for dynamic), got {batch}")
     store = resolve_store(output_dir)
-    store.mkdir(parents=True, exist_ok=True)
     precision = "fp16" if fp16 else "fp32"
     final = store / artifact_name(info.name, precision, random_weights, batch, ".onnx")
     steps = Steps(f"onnx {info.name}", 5, quiet)
 
-    if graph is None:
-        steps(f"loading DEIMv2-{info.name} ({'random weights' if random_weights else checkpoint or 'model store'})")
-        model, weights = load_reference(info.name, checkpoint, random_weights, store)
-        graph = DeployGraph(model).eval()
-    else:
-        steps(f"using the given DEIMv2-{info.name} deploy graph")
-    spec = ArtifactSpec.for_variant(info.name, weights=weights or "unknown", random_weights=random_weights,
+    graph, weights = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps)
+    spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights,
                                     precision=precision, batch=batch, exporter=EXPORTER, **dict(spec_overrides or {}))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial.onnx", dir=store)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with work_folder("deimv2-export-") as work:
+        traced = work / final.name
         steps(f"tracing to ONNX (opset {opset}, batch {'dynamic' if batch is None else batch})")
-        trace_to_onnx(graph, spec, tmp, opset=opset, batch=batch)
+        trace_to_onnx(graph, spec, traced, opset=opset, batch=batch)
         simplified = "no (--no-simplify)"
         if simplify:
             steps("simplifying with onnxsim")
-            simplified = _simplify(tmp)
+            simplified = _simplify(traced, quiet)
         else:
             steps("simplification skipped")
         if fp16:
-            _to_fp16(tmp)
+            _to_fp16(traced)
         steps("checking parity against PyTorch (ONNX Runtime, CPU)")
         check = parity_batch(spec, count=batch or 2)
         reference = reference_outputs(graph, check)
-        tolerances = {} if not fp16 else {"box_tol": 2.0, "score_tol": 1e-2}
-        parity = compare_graph_outputs(run_onnx(tmp), reference, check, **tolerances)
+        parity = compare_graph_outputs(run_onnx(traced), reference, check, **tolerances(precision))
         parity["against"] = spec.build.get("reference", "PyTorch deploy model (CPU, FP32)")
         if not fp16 and not parity["ok"]:
             raise ParityError(f"ONNX export of DEIMv2-{info.name} disagrees with PyTorch: {_describe(parity)}. "
@@ -163,10 +210,7 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
         spec = spec.with_(parity=parity, versions=library_versions("torch", "onnx", "onnxsim", "onnxruntime"),
                           build={**spec.build, "opset": opset, "simplified": simplified})
         steps(f"writing {final}")
-        write_onnx_with_spec(tmp, tmp, spec)
-        publish(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        publish_onnx(traced, final, spec)
     if not quiet:
         print(f"parity vs PyTorch: {_describe(parity)}", flush=True)
     return ExportResult(final, spec, parity, steps.elapsed)
@@ -185,24 +229,14 @@ def export_official_style_onnx(variant: str, *, checkpoint: str | os.PathLike | 
     `torch.onnx.export` of the plain deploy graph with a dynamic batch axis, and nothing else: no onnxsim, no
     metadata (load it with `variant=`), no parity step. Written to `<store>/deimv2_<size>[_random]_fp32_official.onnx`.
     """
-    from deimv2_deploy.models.graph import DeployGraph
-
     info = get_variant_info(variant)
     store = resolve_store(output_dir)
-    store.mkdir(parents=True, exist_ok=True)
-    if graph is None:
-        model, _ = load_reference(info.name, checkpoint, random_weights, store)
-        graph = DeployGraph(model).eval()
+    graph, _ = deploy_graph(info.name, checkpoint, random_weights, store, graph, None, Steps("official", 1, True))
     final = store / official_style_name(info.name, random_weights)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial.onnx", dir=store)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        trace_to_onnx(graph, ArtifactSpec.for_variant(info.name), tmp, opset=opset, batch=None)
-        publish(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    with work_folder("deimv2-export-") as work:
+        traced = work / final.name
+        trace_to_onnx(graph, ArtifactSpec.for_variant(info.name), traced, opset=opset, batch=None)
+        return publish_onnx(traced, final)
 
 
 def _describe(p: dict[str, Any]) -> str:

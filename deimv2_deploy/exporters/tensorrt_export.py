@@ -3,7 +3,9 @@
 Steps: the ONNX (exported here, or the file given) -> TensorRT's ONNX parser -> one optimization profile over
 the batch axis of both inputs -> precision (FP16 flag; or INT8 with an entropy calibrator fed by images
 preprocessed exactly as at inference; optionally the ViT attention pinned to FP32) -> build -> parity of the
-engine against ONNX Runtime on the same ONNX -> `<name>.engine` and `<name>.engine.json`, each written atomically.
+engine against ONNX Runtime on the same ONNX -> `<name>.engine` and `<name>.engine.json`, published together (the
+sidecar first, the engine last: a reader never finds an engine without its sidecar, nor a new sidecar beside an
+old engine).
 
 Written against the TensorRT 10 Python API (`create_network(0)`: explicit batch is implicit since 10.0).
 - FP16 needs TensorRT >= 10.6: earlier 10.x builds FP16 DEIMv2 engines that return wrong detections (DEIMv2
@@ -20,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,20 +31,20 @@ from typing import Any
 import numpy as np
 
 from deimv2_deploy.exporters.common import EXPORTER, ExportResult, Steps, artifact_name, library_versions, resolve_store
-from deimv2_deploy.media import atomic_path, expand_image_paths, read_image
+from deimv2_deploy.files import AtomicWrite, file_sha256, write_bytes
+from deimv2_deploy.media import expand_image_paths, read_image
 from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes.base import INPUT_NAMES
-from deimv2_deploy.runtimes.tensorrt_backend import (
+from deimv2_deploy.spec import ArtifactSpec, resolve_spec
+from deimv2_deploy.tensorrt_support import (
     FP16_SAFE_TENSORRT,
     INSTALL_HINT,
     MIN_TENSORRT,
     parse_cuda_device,
     parse_version,
     sidecar_path,
-    usual_permissions,
-    write_sidecar,
+    sidecar_text,
 )
-from deimv2_deploy.spec import ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["export_tensorrt", "PRECISIONS", "BatchProfile", "DEFAULT_DYNAMIC_BATCH", "TensorRtVersionError",
@@ -298,25 +299,23 @@ def parity_tolerances(precision: str) -> dict[str, float]:
     return {"box_tol": 16.0, "score_tol": 0.1, "min_matched": 0.5}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _onnx_spec(path: Path, variant: str) -> tuple[ArtifactSpec, bool]:
     """(spec from the ONNX metadata or the official preprocessing of `variant`, whether metadata was there)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    spec = ArtifactSpec.from_metadata({p.key: p.value for p in model.metadata_props})
-    if spec is None:
-        return ArtifactSpec.for_official_export(variant), False
-    if spec.variant != get_variant_info(variant).name:
-        raise ValueError(f"{path} is DEIMv2-{spec.variant} (from its metadata), not {variant!r}")
-    return spec, True
+    stored = ArtifactSpec.from_metadata({p.key: p.value for p in model.metadata_props})
+    return resolve_spec(stored, path, variant), stored is not None
+
+
+def _engine_and_sidecar_complete(engine_bytes: int) -> Any:
+    """An AtomicWrite verify: the engine file has every byte, the sidecar reads back as a spec."""
+    def verify(tmps: list[Path]) -> None:
+        engine, sidecar = tmps
+        if engine.stat().st_size != engine_bytes:
+            raise OSError(f"the engine was not written completely ({engine.stat().st_size} of {engine_bytes} bytes)")
+        ArtifactSpec.from_json(sidecar.read_text(encoding="utf-8"))
+    return verify
 
 
 # --- the library calls ------------------------------------------------------------------------------------
@@ -351,9 +350,7 @@ def _entropy_calibrator(trt: Any, cuda: Any, batches: CalibrationBatches, cache_
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            with atomic_path(cache_path) as tmp:
-                tmp.write_bytes(bytes(cache))
-                usual_permissions(tmp)
+            write_bytes(cache_path, bytes(cache))
 
         def free(self) -> None:
             for allocation in self._device.values():
@@ -404,7 +401,8 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
     from deimv2_deploy.exporters.onnx_export import export_onnx
     from deimv2_deploy.exporters.parity import ParityError
     from deimv2_deploy.runtimes.base import BackendUnavailableError
-    from deimv2_deploy.runtimes.tensorrt_backend import TensorRtRuntime, cuda_context, import_pycuda, import_tensorrt
+    from deimv2_deploy.runtimes.tensorrt_backend import TensorRtRuntime
+    from deimv2_deploy.tensorrt_support import cuda_context, import_pycuda, import_tensorrt
 
     info = get_variant_info(variant)
     if precision not in PRECISIONS:
@@ -434,7 +432,6 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
         warnings.warn(caution, stacklevel=2)
 
     store = resolve_store(output_dir)
-    store.mkdir(parents=True, exist_ok=True)
     steps = Steps(f"tensorrt {info.name} {precision}", 5, quiet)
 
     # 1. the ONNX
@@ -449,7 +446,7 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
             raise FileNotFoundError(f"ONNX file not found: {onnx_file}")
         steps(f"using {onnx_file}")
         onnx_spec, has_metadata = _onnx_spec(onnx_file, info.name)
-    onnx_digest = _file_sha256(onnx_file)
+    onnx_digest = file_sha256(onnx_file)
 
     final = store / artifact_name(info.name, precision, onnx_spec.random_weights, None, ".engine")
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
@@ -545,18 +542,15 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
             raise RuntimeError(f"TensorRT could not build the {precision} engine for {onnx_file} (see the TensorRT "
                                "log above; rerun with verbose=True / --verbose for details)")
         if timing_cache is not None:
-            with atomic_path(timing_cache) as tmp:
-                tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-                usual_permissions(tmp)
+            write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
 
-        # 5. parity of the engine, from a temporary file beside the final one
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial.engine", dir=store)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        # 5. parity of the engine, from its temporary file beside the final one; engine and sidecar are then
+        # published together, the sidecar first (AtomicWrite publishes its first file last)
+        engine_bytes = memoryview(serialized).nbytes
+        with AtomicWrite(final, sidecar_path(final), verify=_engine_and_sidecar_complete(engine_bytes)) as out:
+            tmp, sidecar_tmp = out
             with open(tmp, "wb") as fh:
                 fh.write(memoryview(serialized))
-            usual_permissions(tmp)
             del serialized
             parity = None
             if check_parity:
@@ -578,11 +572,7 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
                 warnings=cautions)
             spec = engine_spec(onnx_spec, precision, profile, build, parity, library_versions("tensorrt"))
             steps(f"writing {final} and {sidecar_path(final).name}")
-            sidecar_path(final).unlink(missing_ok=True)  # never leave an old sidecar describing the new engine
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-    write_sidecar(final, spec)
+            sidecar_tmp.write_text(sidecar_text(spec), encoding="utf-8")
     if parity is not None and not quiet:
         verdict = "ok" if parity["ok"] else ("MISMATCH" if parity["judged"] else "reported")
         print(f"parity vs ONNX Runtime: {verdict}: {parity['matched']}/{parity['total']} detections matched, "

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import warnings
 
-from deimv2_deploy.exporters.common import ExportResult, _sha256
+from deimv2_deploy.exporters.common import ExportResult
+from deimv2_deploy.files import file_sha256
 from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["export_checkpoint_onnx"]
@@ -35,6 +36,6 @@ def export_checkpoint_onnx(variant: str, checkpoint: str | os.PathLike, *, graph
         warnings.warn(choice.warning, UserWarning, stacklevel=2)
     if not quiet:
         print(f"graph: {choice.kind} ({choice.reason})", flush=True)
-    weights = f"{path.name} sha256:{_sha256(path)[:16]}"
+    weights = f"{path.name} sha256:{file_sha256(path)[:16]}"
     return export_onnx(info.name, output_dir=output_dir, opset=opset, batch=batch, simplify=simplify, fp16=fp16,
                        quiet=quiet, graph=choice.graph, weights=weights, spec_overrides=choice.spec_overrides)

@@ -61,6 +61,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 
 def _torch_load(p: Path) -> Any:
+    with open(p, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip archive, or a pickle
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint (neither a zip archive nor a pickle): pass the "
+                              "official .pth, a .safetensors file or a Hugging Face folder")
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,8 +1,9 @@
 """The DEIM decoder of DEIMv2: query selection, deformable decoder layers, fine-grained distribution refinement.
 
-Eval and deploy paths only (no denoising groups, no auxiliary outputs), but every parameter of the
-official `DEIMTransformer` exists under its official name, so official checkpoints load with strict=True
-(the denoising label embedding and the heads of every layer included).
+Every parameter of the official `DEIMTransformer` exists under its official name, so official checkpoints load
+with strict=True. Eval/deploy (`model.eval()`) returns the last layer's logits and boxes and is what the exporters
+trace; training (`model.train()`, with targets) returns every layer's outputs, the encoder proposals and the
+contrastive denoising queries (`models/denoising.py`) in the official structure the DEIM criterion takes.
 
 Data flow for B images and N tokens over L levels, C = hidden_dim, Q = num_queries:
     feats -> input_proj -> memory (B, N, C)
@@ -18,12 +19,14 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import get_activation
+from .denoising import make_denoising_groups
 
 __all__ = [
     "RMSNorm",
@@ -276,9 +279,10 @@ class DecoderLayer(nn.Module):
         values: Sequence[torch.Tensor],
         shapes: Sequence[tuple[int, int]],
         pos: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = x + pos
-        attended, _ = self.self_attn(q, q, value=x, need_weights=False)
+        attended, _ = self.self_attn(q, q, value=x, attn_mask=attn_mask, need_weights=False)
         x = self.norm1(x + attended)
 
         sampled = self.cross_attn(x + pos, ref_boxes, values, shapes)
@@ -388,6 +392,58 @@ class RefinementDecoder(nn.Module):
         logits = self.lqe_layers[self.eval_idx](score_heads[self.eval_idx](x), corners)
         return logits, decode(corners)
 
+    def forward_train(
+        self,
+        content: torch.Tensor,
+        ref_logits: torch.Tensor,
+        memory: torch.Tensor,
+        shapes: Sequence[tuple[int, int]],
+        bbox_heads: nn.ModuleList,
+        score_heads: nn.ModuleList,
+        query_pos_head: MLP,
+        pre_bbox_head: MLP,
+        attn_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every layer's outputs, for the losses (the official training forward).
+
+        Returns stacked per-layer `logits` (L, B, Q, classes), `boxes` (L, B, Q, 4), `corners`
+        (L, B, Q, 4 * (reg_max + 1)), `refs` (L, B, Q, 4) (the layer-0 base box every layer decodes against),
+        and layer 0's `pre_logits` (B, Q, classes) / `pre_boxes` (B, Q, 4). Gradients: each layer samples
+        around the previous layer's box detached, its bbox head sees the previous output detached, while the
+        corner logits accumulate with gradient (as the official).
+        """
+        if self.deployed:
+            raise RuntimeError("a deployed decoder has dropped its training layers; build a fresh model to train")
+        sizes = [h * w for h, w in shapes]
+        values = memory.unflatten(-1, (self.num_heads, -1)).permute(0, 2, 3, 1).split(sizes, dim=-1)
+        weights = bin_weights(self.up, self.reg_scale, self.reg_max)
+
+        ref = torch.sigmoid(ref_logits)  # (B, Q, 4), no gradient into the query selection
+        pos = query_pos_head(ref).clamp(min=-10, max=10)
+        x = content
+        prev_detached: torch.Tensor | float = 0.0
+        prev_corners: torch.Tensor | float = 0.0
+        logits, boxes, corner_list, refs = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ref, values, shapes, pos, attn_mask)
+            if i == 0:
+                pre_boxes = torch.sigmoid(pre_bbox_head(x) + _inverse_sigmoid(ref))
+                pre_logits = score_heads[0](x)
+                base = pre_boxes.detach()
+            corners = bbox_heads[i](x + prev_detached) + prev_corners
+            layer_boxes = edges_to_boxes(base, self._edge_offsets(corners, weights), self.reg_scale)
+            logits.append(self.lqe_layers[i](score_heads[i](x), corners))
+            boxes.append(layer_boxes)
+            corner_list.append(corners)
+            refs.append(base)
+            prev_corners = corners
+            ref = layer_boxes.detach()
+            prev_detached = x.detach()
+        return {
+            "logits": torch.stack(logits), "boxes": torch.stack(boxes), "corners": torch.stack(corner_list),
+            "refs": torch.stack(refs), "pre_logits": pre_logits, "pre_boxes": pre_boxes,
+        }
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Model
@@ -419,6 +475,8 @@ class DEIMDecoder(nn.Module):
         use_gateway: bool = True,
         share_bbox_head: bool = False,
         num_denoising: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
         mlp_act: str = "silu",
         lqe_act: str = "silu",
         anchor_eps: float = 1e-2,
@@ -450,7 +508,10 @@ class DEIMDecoder(nn.Module):
         self.decoder = RefinementDecoder(
             layer, num_layers, num_heads, reg_max, self.up, self.reg_scale, self.eval_idx, lqe_act
         )
-        if num_denoising > 0:  # training-only, kept so that checkpoints load strictly
+        self.num_denoising = num_denoising
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+        if num_denoising > 0:  # training only (denoising queries); in the checkpoints
             self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
 
         def mlp(in_dim: int, out_dim: int) -> MLP:  # every head MLP has 3 layers, hidden width C
@@ -532,7 +593,10 @@ class DEIMDecoder(nn.Module):
         anchors, valid = make_anchors(shapes, eps=self.anchor_eps, device=device)
         return anchors.to(self.anchors.dtype), valid
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, feats: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, Any]:
+        """Eval: `{"pred_logits", "pred_boxes"}`. Training: the official training output (see `forward_train`)."""
         memory, shapes = self._flatten(feats)  # (B, N, C)
         b, n, c = memory.shape
         if n < self.num_queries:
@@ -540,6 +604,8 @@ class DEIMDecoder(nn.Module):
                 f"the feature maps {shapes} hold {n} tokens, fewer than the {self.num_queries} queries; "
                 "use a larger input size"
             )
+        if self.training:
+            return self.forward_train(memory, shapes, targets)
         anchors, valid = self._anchors_for(shapes, memory.device)
 
         # query selection on the valid-masked memory; the layers sample the unmasked memory
@@ -555,3 +621,87 @@ class DEIMDecoder(nn.Module):
             self.dec_bbox_head, self.dec_score_head, self.query_pos_head, self.pre_bbox_head,
         )
         return {"pred_logits": logits, "pred_boxes": boxes}
+
+    def forward_train(
+        self,
+        memory: torch.Tensor,
+        shapes: list[tuple[int, int]],
+        targets: Sequence[dict[str, torch.Tensor]] | None,
+    ) -> dict[str, Any]:
+        """The official training output, the structure the DEIM criterion takes.
+
+        `pred_logits`, `pred_boxes`, `pred_corners`, `ref_points` of the last layer, `up`, `reg_scale`;
+        `aux_outputs` (the other layers, with the last layer's corners/logits as `teacher_*`),
+        `pre_outputs` (layer 0's pre-refinement head), `enc_aux_outputs` (the selected encoder proposals),
+        `enc_meta`; with targets and denoising: `dn_outputs`, `dn_pre_outputs`, `dn_meta`.
+        targets: per image {"labels": (N,) int64 in [0, classes), "boxes": (N, 4) normalised cxcywh}.
+        """
+        if self.deployed:
+            raise RuntimeError("a deployed model cannot be trained: its decoder was pruned; build a fresh model")
+        b, _, c = memory.shape
+        # anchors for the maps of this batch (multi-scale training changes them every few iterations)
+        anchors, valid = make_anchors(shapes, eps=self.anchor_eps, device=memory.device)
+        anchors = anchors.to(memory.dtype)
+
+        masked = valid.to(memory.dtype) * memory
+        enc_logits = self.enc_score_head(masked)  # (B, N, classes)
+        _, top = torch.topk(enc_logits.max(-1).values, self.num_queries, dim=-1)  # (B, Q)
+        top_memory = masked.gather(1, top.unsqueeze(-1).expand(-1, -1, c))  # (B, Q, C)
+        top_logits = enc_logits.gather(1, top.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
+        top_anchors = anchors.expand(b, -1, -1).gather(1, top.unsqueeze(-1).expand(-1, -1, 4))
+        enc_ref_logits = self.enc_bbox_head(top_memory) + top_anchors  # (B, Q, 4)
+        enc_out = {"pred_logits": top_logits, "pred_boxes": torch.sigmoid(enc_ref_logits)}
+
+        # the decoder starts from the proposals without gradient into the selection
+        content, ref_logits = top_memory.detach(), enc_ref_logits.detach()
+        dn = None
+        if targets is not None and hasattr(self, "denoising_class_embed"):
+            dn = make_denoising_groups(
+                targets, self.num_classes, self.num_queries, self.denoising_class_embed,
+                num_denoising=self.num_denoising, label_noise_ratio=self.label_noise_ratio,
+                box_noise_scale=self.box_noise_scale,
+            )
+        attn_mask = None
+        if dn is not None:
+            content = torch.cat([dn.content, content], dim=1)
+            ref_logits = torch.cat([dn.ref_logits, ref_logits], dim=1)
+            attn_mask = dn.attn_mask
+
+        out = self.decoder.forward_train(
+            content, ref_logits, memory, shapes,
+            self.dec_bbox_head, self.dec_score_head, self.query_pos_head, self.pre_bbox_head, attn_mask,
+        )
+        layers = {k: out[k] for k in ("logits", "boxes", "corners", "refs")}  # (L, B, D + Q, ...)
+        pre_logits, pre_boxes = out["pre_logits"], out["pre_boxes"]
+        if dn is not None:
+            split = dn.meta["dn_num_split"]
+            dn_layers = {k: v.split(split, dim=2)[0] for k, v in layers.items()}
+            layers = {k: v.split(split, dim=2)[1] for k, v in layers.items()}
+            dn_pre_logits, pre_logits = pre_logits.split(split, dim=1)
+            dn_pre_boxes, pre_boxes = pre_boxes.split(split, dim=1)
+
+        result: dict[str, Any] = {
+            "pred_logits": layers["logits"][-1], "pred_boxes": layers["boxes"][-1],
+            "pred_corners": layers["corners"][-1], "ref_points": layers["refs"][-1],
+            "up": self.up, "reg_scale": self.reg_scale,
+            "aux_outputs": _layer_outputs(layers, last=False),
+            "enc_aux_outputs": [enc_out],
+            "pre_outputs": {"pred_logits": pre_logits, "pred_boxes": pre_boxes},
+            "enc_meta": {"class_agnostic": False},
+        }
+        if dn is not None:
+            result["dn_outputs"] = _layer_outputs(dn_layers, last=True)
+            result["dn_pre_outputs"] = {"pred_logits": dn_pre_logits, "pred_boxes": dn_pre_boxes}
+            result["dn_meta"] = dn.meta
+        return result
+
+
+def _layer_outputs(layers: dict[str, torch.Tensor], last: bool) -> list[dict[str, torch.Tensor]]:
+    """Per-layer output dicts (all layers, or all but the last), each with the last layer as its teacher."""
+    count = layers["logits"].shape[0] if last else layers["logits"].shape[0] - 1
+    teacher_corners, teacher_logits = layers["corners"][-1], layers["logits"][-1]
+    return [
+        {"pred_logits": layers["logits"][i], "pred_boxes": layers["boxes"][i], "pred_corners": layers["corners"][i],
+         "ref_points": layers["refs"][i], "teacher_corners": teacher_corners, "teacher_logits": teacher_logits}
+        for i in range(count)
+    ]

@@ -22,10 +22,12 @@ class DEIMv2(nn.Module):
         self.decoder = decoder
         self.encoder = encoder
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict:
+        """Eval: `{"pred_logits", "pred_boxes"}`. In training mode the official training output for the
+        DEIM criterion (every decoder layer, encoder proposals, denoising queries built from `targets`)."""
         feats = self.backbone(images)  # list of (B, C_i, H / s_i, W / s_i)
         feats = self.encoder(feats)  # list of (B, hidden, H / s_j, W / s_j)
-        return self.decoder(feats)
+        return self.decoder(feats, targets) if self.training else self.decoder(feats)
 
     def deploy(self) -> DEIMv2:
         """Convert in place to the official deploy form and switch to eval mode; returns self.

@@ -46,24 +46,35 @@ class RopeEmbedding(nn.Module):
     through its aspect, never through its pixel size.
     """
 
-    def __init__(self, head_dim: int, base: float = 100.0) -> None:
+    def __init__(self, head_dim: int, base: float = 100.0, rescale_coords: float | None = None) -> None:
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"RoPE needs a head dimension divisible by 4, got {head_dim}")
+        if rescale_coords is not None and rescale_coords < 1:
+            raise ValueError(f"rescale_coords must be >= 1 (a factor range [1/r, r]), got {rescale_coords}")
+        # training-time augmentation of DINOv3: all coordinates scaled by one factor drawn log-uniformly
+        # from [1/r, r] per forward pass; eval and export never rescale
+        self.rescale_coords = rescale_coords
         exponents = torch.arange(head_dim // 4, dtype=torch.float32) * 2 / (head_dim // 2)
         # Persistent: official checkpoints carry it, and `load_state_dict(strict=True)` expects it.
         self.register_buffer("periods", base**exponents, persistent=True)
 
-    def _axis_angles(self, n: int) -> torch.Tensor:
+    def _axis_angles(self, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
         centres = torch.arange(0.5, n, device=self.periods.device, dtype=torch.float32) / n  # (n,) in (0, 1)
         centres = 2.0 * centres - 1.0
+        if scale is not None:
+            centres = centres * scale
         return 2 * math.pi * centres[:, None] / self.periods[None, :]  # (n, head_dim / 4)
 
     def forward(self, height: int, width: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """sin, cos tables (prefix + H*W, head_dim); the `prefix` leading rows (class and storage tokens) are
         the identity rotation (sin 0, cos 1), so every token can be rotated in one elementwise pass."""
-        rows = self._axis_angles(height)[:, None, :].expand(height, width, -1)
-        cols = self._axis_angles(width)[None, :, :].expand(height, width, -1)
+        scale = None
+        if self.training and self.rescale_coords is not None:
+            log_r = math.log(self.rescale_coords)
+            scale = torch.empty(1, device=self.periods.device).uniform_(-log_r, log_r).exp()
+        rows = self._axis_angles(height, scale)[:, None, :].expand(height, width, -1)
+        cols = self._axis_angles(width, scale)[None, :, :].expand(height, width, -1)
         angles = torch.cat((rows, cols), dim=-1).reshape(height * width, -1)  # (H*W, head_dim / 2)
         angles = angles.repeat(1, 2)  # (H*W, head_dim)
         sin, cos = angles.sin(), angles.cos()
@@ -237,6 +248,7 @@ class DINOv3ViT(nn.Module):
         layerscale_init: float = 1e-5,
         patch_size: int = 16,
         norm_eps: float = 1e-5,
+        rope_rescale_coords: float | None = 2.0,
     ) -> None:
         super().__init__()
         if ffn not in ("mlp", "swiglu"):
@@ -252,7 +264,7 @@ class DINOv3ViT(nn.Module):
         self.storage_tokens = nn.Parameter(torch.empty(1, num_storage_tokens, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # masked-image training only; kept for the keys
         self.patch_embed = PatchEmbed(embed_dim, patch_size)
-        self.rope_embed = RopeEmbedding(embed_dim // num_heads)
+        self.rope_embed = RopeEmbedding(embed_dim // num_heads, rescale_coords=rope_rescale_coords)
         hidden = int(embed_dim * ffn_ratio)
         self.blocks = nn.ModuleList(
             ViTBlock(

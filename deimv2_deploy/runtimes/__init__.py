@@ -8,6 +8,7 @@ Importing this package imports no torch; only the torch backend (checkpoints) ne
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES, Backend, BackendUnavailableError, Runtime
 
 __all__ = ["Backend", "Runtime", "BackendUnavailableError", "load_runtime", "backend_class", "available_backends",
-           "backend_for_path", "INPUT_NAMES", "OUTPUT_NAMES"]
+           "backend_for_path", "check_options", "INPUT_NAMES", "OUTPUT_NAMES"]
 
 # backend -> (module, class); imported only when used
 _BACKENDS = {
@@ -65,12 +66,26 @@ def backend_for_path(path: Path) -> tuple[Backend, ...]:
     return _BY_SUFFIX[suffix]
 
 
+def check_options(cls: type[Runtime], options: dict[str, Any]) -> None:
+    """ValueError for an option `cls` does not take (a misspelt one, or another backend's), naming those it does."""
+    known = cls.option_names()
+    unknown = [name for name in options if name not in known]
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"the {cls.backend.value} backend has no option {name!r}{hint}; its options are: "
+                     f"{', '.join(known) or 'none'}")
+
+
 def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, device: str = "cpu",
                  variant: str | None = None, **options: Any) -> Runtime:
     """Load an artifact (or checkpoint) on the backend its file type implies, or the one named.
 
     `variant` is needed only for files without deimv2-deploy metadata (official-exporter ONNX, checkpoints
-    whose size cannot be recognised). Backend options (threads, streams, precision...) pass through.
+    whose size cannot be recognised). Backend options (threads, streams, inference_precision...) pass through; an
+    option the chosen backend does not take is a ValueError naming the ones it does.
     """
     p = Path(path)
     if not p.exists():
@@ -81,6 +96,7 @@ def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, 
         raise ValueError(f"backend {chosen.value!r} cannot load {p.suffix or 'folder'} files; "
                          f"use one of {', '.join(b.value for b in possible)}")
     cls = backend_class(chosen)
+    check_options(cls, options)
     reason = cls.unavailable_reason()
     if reason:
         raise BackendUnavailableError(reason)

@@ -7,6 +7,7 @@ base class validates inputs against the graph contract, runs preprocessing, maps
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar
@@ -14,7 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from deimv2_deploy.detections import Detections
-from deimv2_deploy.preprocess import PreparedBatch, Preprocessor
+from deimv2_deploy.errors import BackendUnavailableError
+from deimv2_deploy.preprocess import PreparedBatch, Preprocessor, image_list
 from deimv2_deploy.spec import ArtifactSpec
 
 __all__ = ["Backend", "Runtime", "INPUT_NAMES", "OUTPUT_NAMES", "BackendUnavailableError"]
@@ -42,10 +44,6 @@ class Backend(str, Enum):
             raise ValueError(f"unknown backend {value!r}: choose one of {', '.join(b.value for b in cls)}") from None
 
 
-class BackendUnavailableError(RuntimeError):
-    """The backend's library (or device) is missing on this machine; the message says how to install it."""
-
-
 class Runtime(abc.ABC):
     """A loaded artifact on one backend and device."""
 
@@ -58,6 +56,9 @@ class Runtime(abc.ABC):
         self.device = device
         self.preprocessor = Preprocessor(spec)
         self.max_batch = spec.batch or 8  # predict() chunks lists of images into batches of at most this
+        # Detections' boxes are clipped to their image; False keeps them as the model gives them (the official
+        # COCO evaluation scores unclipped boxes)
+        self.clip_boxes = True
 
     # --- per backend --------------------------------------------------------------------------------
     @classmethod
@@ -86,6 +87,13 @@ class Runtime(abc.ABC):
     def unavailable_reason(cls) -> str | None:
         """Why the backend cannot run here (None when it can)."""
         return None if cls.is_available() else f"{cls.backend.value} is not installed"
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The keyword options this backend takes besides path, device and variant (for load_runtime's check)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.name not in ("self", "path", "device", "variant")
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
     @abc.abstractmethod
     def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,7 +152,7 @@ class Runtime(abc.ABC):
             scores = outputs["scores"][i]
             keep = np.flatnonzero(scores >= score_threshold)
             keep = keep[np.argsort(-scores[keep], kind="stable")]
-            boxes = transform.boxes_to_original(outputs["boxes"][i][keep])
+            boxes = transform.boxes_to_original(outputs["boxes"][i][keep], clip=getattr(self, "clip_boxes", True))
             results.append(Detections(boxes, scores[keep], outputs["labels"][i][keep], self.spec.class_names,
                                       transform.orig_size))
         return results
@@ -156,8 +164,7 @@ class Runtime(abc.ABC):
         Images are uint8 (H, W, 3), BGR unless color="rgb", any size; results are best first, boxes in the
         original image's pixels. score_threshold=0 keeps all top-k (300) detections, as the official model.
         """
-        single = isinstance(images, np.ndarray) and images.ndim in (2, 3)
-        items = [images] if single else list(images)
+        items, single = image_list(images)
         results: list[Detections] = []
         step = self.spec.batch or self.max_batch
         for start in range(0, len(items), step):

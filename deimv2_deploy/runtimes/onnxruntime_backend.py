@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from deimv2_deploy.runtimes.base import Backend, BackendUnavailableError, Runtime
-from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.spec import ArtifactSpec, resolve_spec
 
 __all__ = ["OnnxRuntime", "read_onnx_spec"]
 
@@ -30,22 +30,27 @@ def _import_ort():
 
 def read_onnx_spec(session: Any, path: Path, variant: str | None) -> ArtifactSpec:
     """The spec stored in the file's metadata, or the official preprocessing of `variant` for an official export."""
-    metadata = dict(session.get_modelmeta().custom_metadata_map)
-    spec = ArtifactSpec.from_metadata(metadata)
-    if spec is None:
-        if variant is None:
-            raise ValueError(f"{path} has no deimv2-deploy metadata (an official-exporter ONNX?): pass the size, "
-                             "e.g. load_runtime(path, variant='atto') or deimv2-infer --variant atto")
-        spec = ArtifactSpec.for_official_export(variant)
-        shape = session.get_inputs()[0].shape  # ['N', 3, H, W]
-        if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]) and tuple(shape[2:]) != spec.input_size:
-            raise ValueError(f"{path} takes {shape[2]}x{shape[3]} images but DEIMv2-{variant} uses "
-                             f"{spec.input_size[0]}x{spec.input_size[1]}: is it really size {variant!r}?")
-        if isinstance(shape[0], int):
-            spec = spec.with_(batch=shape[0])
-    elif variant is not None and variant.lower() != spec.variant:
-        raise ValueError(f"{path} is DEIMv2-{spec.variant} (from its metadata), not {variant!r}")
-    return spec
+    stored = ArtifactSpec.from_metadata(dict(session.get_modelmeta().custom_metadata_map))
+    shape = session.get_inputs()[0].shape  # ['N', 3, H, W]: names on dynamic axes
+    static = [d if isinstance(d, int) else None for d in shape]
+    return resolve_spec(stored, path, variant, input_hw=static[2:4] if len(static) == 4 else None,
+                        batch=static[0] if static else None)
+
+
+def _open_session(ort: Any, path: Path, options: Any, providers: list[str]) -> Any:
+    """An InferenceSession, or a one-line error for a file that is not a loadable ONNX model."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not an .onnx file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): copy it again or re-export it with deimv2-export")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors are pybind classes outside the OSError/ValueError tree
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        said = " ".join(str(e).split()).split(" : ")[-1]
+        raise ValueError(f"ONNX Runtime cannot load {path}: it is truncated, damaged or not an ONNX model "
+                         f"({said}); copy it again or re-export it with deimv2-export") from None
 
 
 class OnnxRuntime(Runtime):
@@ -53,7 +58,7 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", variant: str | None = None,
                  threads: int | None = None, providers: list[str] | None = None, optimization: str = "all",
-                 spinning: bool = True, **_ignored: Any) -> None:
+                 spinning: bool = True) -> None:
         """`spinning=False` stops idle worker threads from busy-waiting between runs: slightly slower single
         inferences, but the CPU is left to other work (the video pipeline's decode/draw/encode threads)."""
         ort = _import_ort()
@@ -68,12 +73,15 @@ class OnnxRuntime(Runtime):
             raise BackendUnavailableError(f"onnxruntime here has no {providers[0]} (available: {available}); "
                                           "for CUDA install onnxruntime-gpu, or use device='cpu'")
         options = ort.SessionOptions()
-        options.graph_optimization_level = {
+        levels = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[optimization]
+        }
+        if optimization not in levels:
+            raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+        options.graph_optimization_level = levels[optimization]
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
@@ -81,8 +89,7 @@ class OnnxRuntime(Runtime):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.threads, self.spinning = threads, spinning
-        self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                            providers=[p for p in providers if p in available])
+        self.session = _open_session(ort, self.path, options, [p for p in providers if p in available])
         spec = read_onnx_spec(self.session, self.path, variant)
         super().__init__(spec, device)
         names = [i.name for i in self.session.get_inputs()]

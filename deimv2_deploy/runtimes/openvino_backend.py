@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from deimv2_deploy.runtimes.base import Backend, BackendUnavailableError, Runtime
-from deimv2_deploy.spec import METADATA_KEY, ArtifactSpec
+from deimv2_deploy.spec import METADATA_KEY, ArtifactSpec, resolve_spec
 
-__all__ = ["OpenVinoRuntime", "openvino_device_name", "read_openvino_spec", "PERFORMANCE_MODES"]
+__all__ = ["OpenVinoRuntime", "openvino_device_name", "read_openvino_spec", "executed_precision", "PERFORMANCE_MODES"]
 
 PERFORMANCE_MODES = ("latency", "throughput")
 # OpenVINO device kinds; AUTO (and MULTI/HETERO) are virtual and pick among the real ones
@@ -90,24 +90,26 @@ def read_openvino_spec(model: Any, path: Path, variant: str | None) -> ArtifactS
     text = _rt_value(model, [METADATA_KEY]) or _rt_value(model, ["framework", METADATA_KEY])
     if text is None and path.suffix.lower() == ".onnx":
         text = _onnx_metadata(path).get(METADATA_KEY)
-    spec = None if text is None else ArtifactSpec.from_metadata({METADATA_KEY: text})
-    if spec is None:
-        if variant is None:
-            raise ValueError(f"{path} has no deimv2-deploy metadata (an official-exporter ONNX?): pass the size, "
-                             "e.g. load_runtime(path, backend='openvino', variant='atto') or --variant atto")
-        spec = ArtifactSpec.for_official_export(variant)
-        shape = model.input("images").get_partial_shape() if _has_input(model, "images") else model.inputs[0] \
-            .get_partial_shape()
-        if shape.rank.is_static and len(shape) == 4:
-            h, w = shape[2], shape[3]
-            if h.is_static and w.is_static and (h.get_length(), w.get_length()) != spec.input_size:
-                raise ValueError(f"{path} takes {h.get_length()}x{w.get_length()} images but DEIMv2-{variant} uses "
-                                 f"{spec.input_size[0]}x{spec.input_size[1]}: is it really size {variant!r}?")
-            if shape[0].is_static:
-                spec = spec.with_(batch=shape[0].get_length())
-    elif variant is not None and variant.strip().lower() != spec.variant:
-        raise ValueError(f"{path} is DEIMv2-{spec.variant} (from its metadata), not {variant!r}")
-    return spec
+    stored = None if text is None else ArtifactSpec.from_metadata({METADATA_KEY: text})
+    port = _port(model, "images") if _has_input(model, "images") else model.inputs[0]
+    shape = port.get_partial_shape()
+    static = ([d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else [])
+    return resolve_spec(stored, path, variant, input_hw=static[2:4] if len(static) == 4 else None,
+                        batch=static[0] if len(static) == 4 else None,
+                        example="load_runtime(path, backend='openvino', variant='atto') or --variant atto")
+
+
+def executed_precision(hint: Any, execution_mode: Any = None) -> str | None:
+    """"f32" / "bf16" / "f16" from a compiled model's INFERENCE_PRECISION_HINT (an ov.Type or its name) and
+    EXECUTION_MODE_HINT; None when neither says."""
+    name = hint.get_type_name() if hasattr(hint, "get_type_name") else (None if hint is None else str(hint))
+    name = {"float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}.get(
+        (name or "").lower(), (name or "").lower())
+    if name in ("f32", "bf16", "f16"):
+        return name
+    if execution_mode is not None and str(execution_mode).upper().endswith("ACCURACY"):
+        return "f32"  # no reduced-precision transformation: the graph's own f32 arithmetic
+    return None
 
 
 def _has_input(model: Any, name: str) -> bool:
@@ -202,7 +204,7 @@ class OpenVinoRuntime(Runtime):
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", variant: str | None = None,
                  threads: int | None = None, streams: int | str | None = None, mode: str = "latency",
-                 inference_precision: str | None = None, fixed_batch_one: bool = True, **_ignored: Any) -> None:
+                 inference_precision: str | None = None, fixed_batch_one: bool = True) -> None:
         ov = _import_openvino()
         self.path = Path(path)
         if not self.path.exists():
@@ -303,15 +305,23 @@ class OpenVinoRuntime(Runtime):
         except RuntimeError:
             return None
 
+    def inference_precision(self) -> str | None:
+        """The arithmetic the compiled graph really runs in ("f32", "bf16", "f16"), from the compiled model's own
+        properties: INFERENCE_PRECISION_HINT after compilation is what the plugin chose (a bf16 hint on a CPU
+        without bf16 compiles to f32); under EXECUTION_MODE_HINT=ACCURACY it reads "dynamic" and the graph keeps
+        its own precision (f32 activations, FP16 weights widened). None where the device does not say."""
+        return executed_precision(self._property("INFERENCE_PRECISION_HINT"), self._property("EXECUTION_MODE_HINT"))
+
     def describe(self) -> dict[str, Any]:
-        hint = self._property("INFERENCE_PRECISION_HINT")
         mode = self._property("PERFORMANCE_HINT")
+        execution = self._property("EXECUTION_MODE_HINT")
         streams, threads = self._property("NUM_STREAMS"), self._property("INFERENCE_NUM_THREADS")
         return {
             **super().describe(),
             "openvino_device": self.ov_device,
             "execution_devices": list(self._property("EXECUTION_DEVICES") or []),
-            "inference_precision": hint.get_type_name() if hasattr(hint, "get_type_name") else hint,
+            "inference_precision": self.inference_precision(),  # what runs, not what was asked for
+            "execution_mode": str(execution).rsplit(".", 1)[-1].lower() if execution is not None else None,
             "performance_mode": str(mode).lower() if mode is not None else self.mode,
             "streams": int(streams) if streams is not None else None,
             "threads": int(threads) if threads is not None else None,  # 0: OpenVINO uses all cores

@@ -25,18 +25,21 @@ from typing import Any
 import numpy as np
 
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES, Backend, BackendUnavailableError, Runtime
-from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.spec import ArtifactSpec, resolve_spec
+from deimv2_deploy.tensorrt_support import (
+    INSTALL_HINT,
+    MIN_TENSORRT,
+    import_pycuda,
+    import_tensorrt,
+    parse_cuda_device,
+    parse_version,
+    read_sidecar,
+    retain_primary_context,
+    sidecar_path,
+)
 
-__all__ = ["TensorRtRuntime", "TensorInfo", "MIN_TENSORRT", "FP16_SAFE_TENSORRT", "INSTALL_HINT", "sidecar_path",
-           "read_sidecar", "write_sidecar", "usual_permissions", "parse_version", "parse_cuda_device", "numpy_dtype",
-           "check_profile_shape", "to_engine_dtype", "to_contract_dtype", "import_tensorrt", "import_pycuda",
-           "cuda_context", "retain_primary_context"]
-
-MIN_TENSORRT = (10, 0)  # name-based tensor API with INT64 I/O (labels, orig_target_sizes)
-FP16_SAFE_TENSORRT = (10, 6)  # earlier 10.x builds wrong FP16 DEIMv2 engines (DEIMv2 issues #53, #112)
-INSTALL_HINT = ("pip install 'tensorrt>=10.6,<11' pycuda (or: pip install 'deimv2-deploy[tensorrt]'). Both need "
-                "an NVIDIA GPU with its driver and CUDA; pycuda builds against the CUDA toolkit (nvcc, cuda.h)")
-SIDECAR_SUFFIX = ".json"
+__all__ = ["TensorRtRuntime", "TensorInfo", "numpy_dtype", "check_profile_shape", "to_engine_dtype",
+           "to_contract_dtype"]
 
 # numpy dtypes of the TensorRT DataType names this runtime can feed or read
 _NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64,
@@ -46,85 +49,6 @@ _CONTRACT_DTYPES = {"labels": np.int64, "boxes": np.float32, "scores": np.float3
 
 
 # --- pure helpers (no TensorRT, no GPU) -------------------------------------------------------------------
-def sidecar_path(engine_path: str | os.PathLike) -> Path:
-    """`model.engine` -> `model.engine.json`."""
-    p = Path(engine_path)
-    return p.with_name(p.name + SIDECAR_SUFFIX)
-
-
-def usual_permissions(path: str | os.PathLike) -> None:
-    """Give a file made by mkstemp (0600) the permissions a plain open() would have given it (0666 - umask)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def write_sidecar(engine_path: str | os.PathLike, spec: ArtifactSpec) -> Path:
-    """Write the spec beside the engine, atomically."""
-    from deimv2_deploy.media import atomic_path
-
-    path = sidecar_path(engine_path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(spec.to_json() + "\n", encoding="utf-8")
-        usual_permissions(tmp)
-    return path
-
-
-def read_sidecar(engine_path: str | os.PathLike) -> ArtifactSpec | None:
-    """The spec stored beside the engine, or None when there is no sidecar."""
-    path = sidecar_path(engine_path)
-    if not path.exists():
-        return None
-    try:
-        return ArtifactSpec.from_json(path.read_text(encoding="utf-8"))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read the engine's sidecar {path}: {e}; re-export the engine with deimv2-export "
-                         "or delete the sidecar and pass the size (variant=...)") from e
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'10.6.0.post1' -> (10, 6, 0); the leading numeric fields only."""
-    fields = []
-    for part in str(text).strip().split("."):
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        fields.append(int(digits))
-        if len(digits) != len(part):
-            break
-    if not fields:
-        raise ValueError(f"cannot read a version number from {text!r}")
-    return tuple(fields)
-
-
-def parse_cuda_device(device: str | int | None) -> int:
-    """The CUDA device index of 'cuda', 'cuda:1', 'gpu', 1, ...
-
-    'cpu' (load_runtime's default) also means the first GPU: a TensorRT engine only runs on an NVIDIA GPU.
-    """
-    if device is None:
-        return 0
-    if isinstance(device, int):
-        index = device
-    else:
-        text = str(device).strip().lower()
-        if text in ("cpu", "cuda", "gpu", "auto", ""):
-            return 0
-        for prefix in ("cuda:", "gpu:"):
-            if text.startswith(prefix):
-                text = text[len(prefix):]
-        if not text.isdigit():
-            raise ValueError(f"TensorRT device must be 'cuda' or 'cuda:N' (an NVIDIA GPU index), got {device!r}")
-        index = int(text)
-    if index < 0:
-        raise ValueError(f"CUDA device index must be >= 0, got {index}")
-    return index
-
-
 def numpy_dtype(trt_dtype_name: str) -> np.dtype:
     """numpy dtype of a TensorRT DataType name ('FLOAT', 'INT64', ...)."""
     key = str(trt_dtype_name).split(".")[-1].upper()
@@ -187,48 +111,6 @@ class TensorInfo:
     profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None  # inputs: (min, opt, max)
 
 
-# --- library access ---------------------------------------------------------------------------------------
-def import_tensorrt() -> Any:
-    """The tensorrt module, or BackendUnavailableError saying how to install it."""
-    try:
-        import tensorrt
-    except Exception as e:  # ImportError, or OSError when the wheel is there but its libraries are not
-        raise BackendUnavailableError(f"TensorRT is not usable here ({type(e).__name__}: {e}). Install: "
-                                      f"{INSTALL_HINT}") from e
-    return tensorrt
-
-
-def import_pycuda() -> Any:
-    """pycuda.driver, or BackendUnavailableError saying how to install it."""
-    try:
-        import pycuda.driver as cuda
-    except Exception as e:
-        raise BackendUnavailableError(f"pycuda is not usable here ({type(e).__name__}: {e}). Install: "
-                                      f"{INSTALL_HINT}") from e
-    return cuda
-
-
-def retain_primary_context(cuda: Any, index: int = 0) -> Any:
-    """The device's primary context (the one TensorRT's CUDA runtime calls use), retained but not made current."""
-    cuda.init()
-    count = cuda.Device.count()
-    if index >= count:
-        raise ValueError(f"CUDA device {index} does not exist: this machine has {count} NVIDIA GPU(s)")
-    return cuda.Device(index).retain_primary_context()
-
-
-@contextlib.contextmanager
-def cuda_context(cuda: Any, index: int = 0) -> Iterator[Any]:
-    """Make the device's primary context current for a block (building, calibrating)."""
-    context = retain_primary_context(cuda, index)
-    context.push()
-    try:
-        yield context
-    finally:
-        cuda.Context.pop()
-        context.detach()
-
-
 class _Buffer:
     """One I/O tensor's page-locked host staging array and device allocation, grown on demand."""
 
@@ -260,20 +142,16 @@ class TensorRtRuntime(Runtime):
     backend = Backend.TENSORRT
 
     def __init__(self, path: str | os.PathLike, device: str = "cuda", variant: str | None = None,
-                 verbose: bool = False, **_ignored: Any) -> None:
+                 verbose: bool = False) -> None:
         trt = import_tensorrt()
         cuda = import_pycuda()
         self._trt, self._cuda = trt, cuda
         self.path = Path(path)
         self.device_index = parse_cuda_device(device)
         self._closed = True  # until everything below exists
-        spec = read_sidecar(self.path)
-        if spec is None and variant is None:
-            raise ValueError(f"{self.path} has no sidecar {sidecar_path(self.path).name} (engines carry no "
-                             "preprocessing): pass the size, e.g. load_runtime(path, variant='s') or "
-                             "deimv2-infer --variant s, or re-export it with deimv2-export --format tensorrt")
-        if spec is not None and variant is not None and variant.lower() != spec.variant:
-            raise ValueError(f"{self.path} is DEIMv2-{spec.variant} (from its sidecar), not {variant!r}")
+        stored = read_sidecar(self.path)
+        # checked now, before the GPU is touched; an engine without a sidecar is checked once its input is known
+        spec = self._spec(stored, variant) if stored is not None or variant is None else None
 
         self._lock = threading.Lock()  # one stream and one set of buffers: calls run one at a time
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -287,7 +165,7 @@ class TensorRtRuntime(Runtime):
                 self._buffers = {t.name: _Buffer(cuda, t.dtype) for t in self.tensors.values()}
                 self.gpu_name = cuda.Device(self.device_index).name()
             if spec is None:
-                spec = self._official_spec(variant)
+                spec = self._spec(None, variant, self.tensors["images"].shape)
         except BaseException:
             self.close()
             raise
@@ -345,13 +223,13 @@ class TensorRtRuntime(Runtime):
             raise RuntimeError(f"{self.path}: input {name!r} has dynamic shape {shape} but no optimization profile")
         return (shape, shape, shape)
 
-    def _official_spec(self, variant: str) -> ArtifactSpec:
-        spec = ArtifactSpec.for_official_export(variant).with_(precision="unknown (no sidecar)")
-        shape = self.tensors["images"].shape
-        if len(shape) != 4 or (shape[2] > 0 and tuple(shape[2:]) != spec.input_size):
-            raise ValueError(f"{self.path} takes images of shape {shape} but DEIMv2-{variant} uses "
-                             f"{spec.input_size[0]}x{spec.input_size[1]}: is it really size {variant!r}?")
-        return spec
+    def _spec(self, stored: ArtifactSpec | None, variant: str | None, shape: tuple[int, ...] = ()) -> ArtifactSpec:
+        if shape and len(shape) != 4:
+            raise ValueError(f"{self.path} takes images of shape {shape}, not (N, 3, H, W): not a DEIMv2 engine")
+        return resolve_spec(stored, self.path, variant, where=f"sidecar {sidecar_path(self.path).name} (engines carry "
+                            "no preprocessing)", input_hw=shape[2:4] if shape else None,
+                            example="load_runtime(path, variant='s') or deimv2-infer --variant s, or re-export it "
+                                    "with deimv2-export --format tensorrt", precision="unknown (no sidecar)")
 
     # --- CUDA context -------------------------------------------------------------------------------
     @contextlib.contextmanager

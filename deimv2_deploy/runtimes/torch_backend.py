@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from deimv2_deploy.runtimes.base import Backend, BackendUnavailableError, Runtime
-from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.spec import EXPORTER, ArtifactSpec
 
 __all__ = ["TorchRuntime"]
 
@@ -31,7 +31,7 @@ class TorchRuntime(Runtime):
 
     def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu", variant: str | None = None,
                  precision: str = "fp32", threads: int | None = None, cuda_graphs: bool = False,
-                 graph: Any = None, spec: ArtifactSpec | None = None, **_ignored: Any) -> None:
+                 graph: Any = None, spec: ArtifactSpec | None = None) -> None:
         """Load a checkpoint (`path`), or wrap a DeployGraph already in memory (`graph` + `spec`)."""
         torch = _import_torch()
         from deimv2_deploy.models.graph import DeployGraph
@@ -50,14 +50,14 @@ class TorchRuntime(Runtime):
                 choice = load_deploy_graph(path, variant)
                 graph = choice.graph
                 spec = ArtifactSpec.for_variant(choice.variant, weights=Path(path).name,
-                                                exporter="deimv2-deploy (PyTorch eager)", **choice.spec_overrides)
+                                                exporter=f"{EXPORTER} (PyTorch eager)", **choice.spec_overrides)
             else:
-                from deimv2_deploy.exporters.common import load_reference
+                from deimv2_deploy.models.reference import load_reference
 
                 model, weights = load_reference(variant or _variant_of(path), checkpoint=path)
                 graph = DeployGraph(model)
                 spec = ArtifactSpec.for_variant(model_variant(model, variant, path), weights=weights,
-                                                exporter="deimv2-deploy (PyTorch eager)")
+                                                exporter=f"{EXPORTER} (PyTorch eager)")
         elif spec is None:
             raise ValueError("graph= needs spec= (the variant's ArtifactSpec)")
         if precision not in ("fp32", "fp16"):
@@ -84,8 +84,8 @@ class TorchRuntime(Runtime):
     def for_variant(cls, variant: str, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
                     store: str | os.PathLike | None = None, **options: Any) -> TorchRuntime:
         """The reference of `variant` from a checkpoint, the model store, or deterministic random weights."""
-        from deimv2_deploy.exporters.common import EXPORTER, load_reference
         from deimv2_deploy.models.graph import DeployGraph
+        from deimv2_deploy.models.reference import load_reference
 
         model, weights = load_reference(variant, checkpoint, random_weights, store)
         spec = ArtifactSpec.for_variant(variant, weights=weights, random_weights=random_weights,
