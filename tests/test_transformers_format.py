@@ -3,7 +3,7 @@ transformers' `Deimv2ForObjectDetection` departs from the official model (the li
 
 Folders "written by transformers" are made here the way transformers' converter makes them: official weights
 (the golden cases' deterministic ones) renamed, loaded strictly into `Deimv2ForObjectDetection` with the
-converter's config, then `save_pretrained`. `make test` runs atto and s; `make test-slow` all eight sizes.
+converter's config, then `save_pretrained`. `make test` runs atto and s; `make test-slow` the other six sizes.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from deimv2_deploy.models.zoo import get_variant  # noqa: E402
 from deimv2_deploy.variants import VARIANT_NAMES  # noqa: E402
 
 FAST = ("atto", "s")
+OTHERS = tuple(v for v in VARIANT_NAMES if v not in FAST)  # the rest of the eight: make test-slow
 ORIG_SIZES = torch.tensor([[640, 480]])  # (width, height), as the golden postprocessed outputs use
 VIT_TINY = ("s", "m")
 
@@ -250,7 +251,7 @@ def test_transformers_round_trip_loses_the_shared_box_head_and_ours_does_not(con
     assert all(torch.equal(theirs[k], v) for k, v in fresh.state_dict().items())
 
 
-@pytest.mark.parametrize("variant", ["atto"])
+@pytest.mark.parametrize("variant", FAST)
 def test_export_of_a_transformers_folder_reproduces_the_official_detections(converted_folders, variant, tmp_path,
                                                                            capsys):
     _export_reproduces_official(variant, converted_folders[variant], tmp_path, capsys)
@@ -515,26 +516,26 @@ def test_config_contradicting_the_weights_is_one_clear_line(tmp_path, capsys):
     assert "id2label names 2 classes but the weights have 80" in line
 
 
-# ------------------------------------------------------------------------------- every size (make test-slow)
+# ---------------------------------------------------------------- the other six sizes (make test-slow)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_every_size_differences_proven_complete(variant):
+@pytest.mark.parametrize("variant", OTHERS)
+def test_slow_size_differences_proven_complete(variant):
     _differences_proof(variant)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_every_size_transformers_folder_exports_to_the_official_detections(variant, tmp_path, capsys):
+@pytest.mark.parametrize("variant", OTHERS)
+def test_slow_size_transformers_folder_exports_to_the_official_detections(variant, tmp_path, capsys):
     folder = written_by_transformers(variant, tmp_path / "hf", official_state(variant, zero_key_bias=variant in
                                                                                VIT_TINY))
     _export_reproduces_official(variant, folder, tmp_path / "store", capsys)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_every_size_written_folder_loads_in_transformers(variant, tmp_path, capsys):
+@pytest.mark.parametrize("variant", OTHERS)
+def test_slow_size_written_folder_loads_in_transformers(variant, tmp_path, capsys):
     checkpoint = tmp_path / get_variant(variant).checkpoint_name
     torch.save({"model": official_state(variant)}, checkpoint)
     _written_folder_checks(variant, checkpoint, tmp_path, capsys)
