@@ -370,6 +370,23 @@ def _written_folder_checks(variant, checkpoint, tmp_path, capsys):
     assert all(torch.equal(back.state[k].to(v.dtype), v) for k, v in state.items())
 
 
+def test_fine_tuning_starts_from_a_transformers_folder(converted_folders, trained_folder):
+    """deimv2-train --checkpoint FOLDER: official names back; other class count re-initialises the class heads;
+    tensors trained inside transformers are left out, saying so."""
+    pytest.importorskip("scipy", reason="deimv2-train needs the [train] extra (scipy)")
+    from deimv2_deploy.training.trainer import load_pretrained
+
+    model = build_model("atto", num_classes=3)
+    lines = load_pretrained(model, converted_folders["atto"])
+    assert "re-initialised for 3 classes" in " ".join(lines)
+    own, state = model.state_dict(), official_state("atto")
+    kept = [k for k in state if "score_head" not in k and "denoising_class_embed" not in k]
+    assert all(torch.equal(own[k], state[k].to(own[k].dtype)) for k in kept)
+
+    lines = load_pretrained(build_model("atto"), trained_folder[0])
+    assert any("left out 2 tensors trained inside transformers" in line for line in lines), lines
+
+
 def test_custom_classes_travel_as_id2label(tmp_path, capsys):
     names = ("cat", "dog", "wombat")
     state = load_golden_module("fill").fill_state_dict(build_model("atto", num_classes=3).state_dict())
