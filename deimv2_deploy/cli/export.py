@@ -18,16 +18,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "metadata and a parity report against PyTorch.",
         epilog="Examples:\n  deimv2-export atto --random-weights\n"
                "  deimv2-export s --checkpoint deimv2_dinov3_s_coco.pth\n"
+               "  deimv2-export s --checkpoint DEIMv2_S_transformers/   (a transformers folder)\n"
+               "  deimv2-export s --format hf --checkpoint deimv2_dinov3_s_coco.pth --output-dir DEIMv2_S_hf\n"
                "  deimv2-export s --format openvino --precision int8 --calibration images/\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("size", choices=[*VARIANT_NAMES, "all"], help="model size, or 'all'")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint",
-                     help="official .pth/.safetensors or Hugging Face folder (default: the model store)")
+                     help="official .pth/.safetensors, Hugging Face folder, or transformers folder "
+                          "(default: the model store)")
     src.add_argument("--random-weights", action="store_true",
                      help="deterministic untrained weights, for plumbing and benchmarks (recorded in the metadata)")
-    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt", "triton"], default="onnx",
-                   help="triton: a Triton model repository entry (see --triton-backend)")
+    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt", "triton", "hf"], default="onnx",
+                   help="triton: a Triton model repository entry (see --triton-backend); hf: a transformers DEIMv2 "
+                        "folder (config.json + model.safetensors + preprocessor_config.json), --output-dir then "
+                        "being the folder itself (with 'all': DIR/deimv2_<size>_hf)")
+    p.add_argument("--graph", choices=["auto", "official", "transformers"], default="auto",
+                   help="for a transformers checkpoint: the official DEIMv2 graph, or transformers' own (ONNX only); "
+                        "auto: transformers' only when the folder was fine-tuned inside transformers "
+                        "(docs/transformers.md)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="OpenVINO/TensorRT precision (ONNX: use --fp16)")
     p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
@@ -92,9 +101,15 @@ def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _export_one(args: argparse.Namespace, size: str):
     common = dict(checkpoint=args.checkpoint, random_weights=args.random_weights, output_dir=args.output_dir)
-    if args.format == "onnx":
-        from deimv2_deploy.exporters.onnx_export import export_onnx
+    if args.format == "hf":
+        from deimv2_deploy.exporters.hf_folder import export_hf_folder, hf_folder_name
 
+        folder = args.output_dir
+        if folder is not None and args.size == "all":
+            folder = f"{folder}/{hf_folder_name(size, args.random_weights)}"
+        return export_hf_folder(size, checkpoint=args.checkpoint, random_weights=args.random_weights, folder=folder,
+                                quiet=args.quiet)
+    if args.format == "onnx":  # both ONNX paths below
         if args.precision != "fp32" and not args.fp16:
             raise ValueError("for ONNX use --fp16 (INT8 is available for --format openvino / tensorrt)")
         if args.calibration is not None:
@@ -102,6 +117,18 @@ def _export_one(args: argparse.Namespace, size: str):
         if args.onnx_path is not None:
             raise ValueError("--onnx starts an OpenVINO or TensorRT export from an ONNX file: add --format openvino "
                              "or --format tensorrt")
+    if args.format == "onnx" and args.checkpoint and (args.graph != "auto" or _is_transformers(args.checkpoint)):
+        from deimv2_deploy.exporters.transformers_graph import export_checkpoint_onnx
+
+        return export_checkpoint_onnx(size, args.checkpoint, graph=args.graph, output_dir=args.output_dir,
+                                      opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
+                                      fp16=args.fp16, quiet=args.quiet)
+    if args.graph == "transformers":
+        raise ValueError("--graph transformers needs --format onnx and --checkpoint (a transformers folder); build "
+                         "OpenVINO/TensorRT from that ONNX file")
+    if args.format == "onnx":
+        from deimv2_deploy.exporters.onnx_export import export_onnx
+
         return export_onnx(size, opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
                            fp16=args.fp16, quiet=args.quiet, **common)
     if args.format == "openvino":
@@ -148,6 +175,12 @@ def _export_triton(args: argparse.Namespace, size: str):
                          kind=args.triton_kind, threads=args.triton_threads, queue_delay_us=args.triton_queue_delay_us,
                          checkpoint=args.checkpoint, random_weights=args.random_weights, precision=precision,
                          exporter_options=options, output_dir=args.output_dir, quiet=args.quiet)
+
+
+def _is_transformers(checkpoint: str) -> bool:
+    from deimv2_deploy.models.checkpoint import checkpoint_format
+
+    return checkpoint_format(checkpoint) == "transformers"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import shutil
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,12 @@ def write_onnx_with_spec(src: Path, dst: Path, spec: ArtifactSpec) -> None:
 def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
                 output_dir: str | os.PathLike | None = None, opset: int = 17, batch: int | None = None,
                 simplify: bool = True, fp16: bool = False, quiet: bool = False, graph: Any = None,
-                weights: str | None = None) -> ExportResult:
+                weights: str | None = None, spec_overrides: Mapping[str, Any] | None = None) -> ExportResult:
     """Export DEIMv2-`variant` to ONNX in the model store; fails loudly when FP32 parity is broken.
 
-    `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters)
-    reuse it instead of loading the checkpoint again.
+    `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters, the
+    transformers-checkpoint exporter) reuse it instead of loading the checkpoint again; `spec_overrides` are
+    ArtifactSpec fields of such a graph (class names, input size, `build` entries such as the graph used).
     """
     info = get_variant_info(variant)
     if batch is not None and batch < 1:
@@ -184,7 +186,7 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
 
     graph, weights = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps)
     spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights,
-                                    precision=precision, batch=batch, exporter=EXPORTER)
+                                    precision=precision, batch=batch, exporter=EXPORTER, **dict(spec_overrides or {}))
     with work_folder("deimv2-export-") as work:
         traced = work / final.name
         steps(f"tracing to ONNX (opset {opset}, batch {'dynamic' if batch is None else batch})")
@@ -201,12 +203,12 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
         check = parity_batch(spec, count=batch or 2)
         reference = reference_outputs(graph, check)
         parity = compare_graph_outputs(run_onnx(traced), reference, check, **tolerances(precision))
-        parity["against"] = "PyTorch deploy model (CPU, FP32)"
+        parity["against"] = spec.build.get("reference", "PyTorch deploy model (CPU, FP32)")
         if not fp16 and not parity["ok"]:
             raise ParityError(f"ONNX export of DEIMv2-{info.name} disagrees with PyTorch: {_describe(parity)}. "
                               "Nothing was written; please report this with the command you ran")
         spec = spec.with_(parity=parity, versions=library_versions("torch", "onnx", "onnxsim", "onnxruntime"),
-                          build={"opset": opset, "simplified": simplified})
+                          build={**spec.build, "opset": opset, "simplified": simplified})
         steps(f"writing {final}")
         publish_onnx(traced, final, spec)
     if not quiet:

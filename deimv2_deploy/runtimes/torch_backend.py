@@ -42,12 +42,22 @@ class TorchRuntime(Runtime):
         if graph is None:
             if path is None:
                 raise ValueError("TorchRuntime needs a checkpoint path, or graph= and spec=")
-            from deimv2_deploy.models.reference import load_reference
+            from deimv2_deploy.models.checkpoint import checkpoint_format
 
-            model, weights = load_reference(variant or _variant_of(path), checkpoint=path)
-            graph = DeployGraph(model)
-            spec = ArtifactSpec.for_variant(model_variant(model, variant, path), weights=weights,
-                                            exporter=f"{EXPORTER} (PyTorch eager)")
+            if checkpoint_format(path) == "transformers":  # official or transformers' graph, as the export picks
+                from deimv2_deploy.models.hf_graph import load_deploy_graph
+
+                choice = load_deploy_graph(path, variant)
+                graph = choice.graph
+                spec = ArtifactSpec.for_variant(choice.variant, weights=Path(path).name,
+                                                exporter=f"{EXPORTER} (PyTorch eager)", **choice.spec_overrides)
+            else:
+                from deimv2_deploy.models.reference import load_reference
+
+                model, weights = load_reference(variant or _variant_of(path), checkpoint=path)
+                graph = DeployGraph(model)
+                spec = ArtifactSpec.for_variant(model_variant(model, variant, path), weights=weights,
+                                                exporter=f"{EXPORTER} (PyTorch eager)")
         elif spec is None:
             raise ValueError("graph= needs spec= (the variant's ArtifactSpec)")
         if precision not in ("fp32", "fp16"):
@@ -141,10 +151,9 @@ class TorchRuntime(Runtime):
 
 def _variant_of(path: str | os.PathLike) -> str:
     """The size a checkpoint holds (from its Hugging Face config or its shapes)."""
-    from deimv2_deploy.models.checkpoint import _variant_from_hf_config, guess_variant, read_checkpoint
+    from deimv2_deploy.models.checkpoint import detect_variant, read_checkpoint
 
-    state, config = read_checkpoint(path)
-    variant = _variant_from_hf_config(config) or guess_variant(state)[0]
+    variant = detect_variant(*read_checkpoint(path))
     if variant is None:
         raise ValueError(f"cannot tell which DEIMv2 size {Path(path).name} is: pass variant=")
     return variant

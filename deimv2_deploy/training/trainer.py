@@ -543,9 +543,23 @@ _CLASS_HEADS = ("decoder.enc_score_head.", "decoder.dec_score_head.", "decoder.d
 def load_pretrained(model: nn.Module, source: str | os.PathLike) -> list[str]:
     """Load pretrained weights strictly, except the class heads when the number of classes differs (those
     keep their fresh initialisation). Returns lines saying what was loaded and re-initialised."""
-    from deimv2_deploy.models.checkpoint import CheckpointError, compare_state_dict, read_checkpoint
+    from deimv2_deploy.models.checkpoint import (
+        CheckpointError,
+        checkpoint_format,
+        compare_state_dict,
+        load_checkpoint,
+        read_checkpoint,
+    )
 
-    state, _ = read_checkpoint(source)
+    notes: list[str] = []
+    if checkpoint_format(source) == "transformers":  # official names back (docs/transformers.md)
+        loaded = load_checkpoint(source, drop_transformers_only=True)
+        state = loaded.state
+        if loaded.dropped:
+            notes.append(f"left out {len(loaded.dropped)} tensors trained inside transformers that the official "
+                         f"model has no place for (e.g. {next(iter(loaded.dropped))})")
+    else:
+        state, _ = read_checkpoint(source)
     own = model.state_dict()
     report = compare_state_dict(state, own)
     class_keys = [k for k, _, _ in report.mismatched if k.startswith(_CLASS_HEADS)]
@@ -560,7 +574,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike) -> list[str]:
     missing, _ = model.load_state_dict(keep, strict=False)
     if set(missing) - set(class_keys) - _aliases_of(model, set(class_keys)):
         raise CheckpointError(f"{source}: weights missing for {sorted(set(missing) - set(class_keys))[:5]}")
-    lines = [f"loaded {len(keep)} tensors from {source}"]
+    lines = [f"loaded {len(keep)} tensors from {source}", *notes]
     if class_keys:
         lines.append(f"re-initialised for {_num_classes(own)} classes ({len(class_keys)} tensors of the class "
                      f"heads: {', '.join(sorted({k.rsplit('.', 1)[0] for k in class_keys})[:6])} ...)")
