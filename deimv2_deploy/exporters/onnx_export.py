@@ -242,4 +242,5 @@ def export_official_style_onnx(variant: str, *, checkpoint: str | os.PathLike | 
 def _describe(p: dict[str, Any]) -> str:
     return (f"{'ok' if p['ok'] else 'FAILED'}: {p['matched']}/{p['total']} detections matched "
             f"({100 * p['fraction']:.1f}%), max box diff {p['max_box_diff']:.2e} px "
-            f"(tol {p['box_tol']:g}), max score diff {p['max_score_diff']:.2e} (tol {p['score_tol']:g})")
+            f"(tol {p['box_tol']:g}), max score diff {p['max_score_diff']:.2e} (tol {p['score_tol']:g})"
+            + (f"; {p['cutoff_ties']} unmatched tie(s) at the top-k score cutoff" if p.get("cutoff_ties") else ""))
