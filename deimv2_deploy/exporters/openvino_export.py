@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from deimv2_deploy.data.calibration import select_calibration_images
 from deimv2_deploy.exporters import ExportResult, artifact_name, resolve_store
 from deimv2_deploy.exporters.common import Steps, deploy_graph, library_versions
 from deimv2_deploy.exporters.parity import ParityError, match_detections, parity_batch, reference_outputs, tolerances
 from deimv2_deploy.files import atomic_write, work_folder
-from deimv2_deploy.media import IMAGE_EXTENSIONS, read_image
+from deimv2_deploy.media import read_image
 from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
 from deimv2_deploy.spec import EXPORTER, METADATA_KEY, ArtifactSpec
@@ -51,25 +52,6 @@ INT8_FLOAT_TYPES = ("ScaledDotProductAttention",)
 
 
 # --- calibration ---------------------------------------------------------------------------------------
-def select_calibration_images(directory: str | os.PathLike, count: int) -> list[Path]:
-    """Up to `count` images from `directory` (sorted, spread evenly over it so the choice is deterministic)."""
-    if count < 1:
-        raise ValueError(f"calibration_size must be at least 1, got {count}")
-    root = Path(directory)
-    if not root.exists():
-        raise FileNotFoundError(f"calibration folder {root} does not exist: pass --calibration DIR, a folder of "
-                                "images like those the model will see")
-    if not root.is_dir():
-        raise NotADirectoryError(f"--calibration must be a folder of images, got the file {root}")
-    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise FileNotFoundError(f"calibration folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}): put "
-                                "a few hundred images like those the model will see there")
-    if len(paths) <= count:
-        return paths
-    return [paths[(i * len(paths)) // count] for i in range(count)]
-
-
 def calibration_inputs(paths: Sequence[Path], spec: ArtifactSpec) -> Iterator[dict[str, np.ndarray]]:
     """Graph inputs of one image each, preprocessed exactly as at inference; images are read lazily."""
     prepare = Preprocessor(spec)
@@ -241,11 +223,12 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
     """Export DEIMv2-`variant` to OpenVINO IR `<store>/deimv2_<size>[_random]_<precision>.xml` (+ .bin).
 
     precision: "fp32" (fails loudly unless boxes are within 1e-2 px and scores within 1e-5 of PyTorch for at
-    least 98% of detections), "fp16" (FP16 weights) or "int8" (needs `calibration`, a folder of images; uses up
-    to `calibration_size` of them). FP16/INT8 parity, and INT8's drift against the FP32 graph, are reported in
-    the result and the spec, not enforced. source: "onnx", "torch" or "auto". `onnx_path`: convert this
-    ONNX file instead of the store's (implies source "onnx"). source "auto": the store's ONNX of these weights
-    when it exists, else the PyTorch module (same graph and speed; see the module docstring).
+    least 98% of detections), "fp16" (FP16 weights) or "int8" (needs `calibration`: a folder of images or a
+    COCO-format dataset, see `select_calibration_images`; uses up to `calibration_size` of its images). FP16/INT8
+    parity, and INT8's drift against the FP32 graph, are reported in the result and the spec, not enforced.
+    source: "onnx", "torch" or "auto". `onnx_path`: convert this ONNX file instead of the store's (implies source
+    "onnx"). source "auto": the store's ONNX of these weights when it exists, else the PyTorch module (same graph
+    and speed; see the module docstring).
     `float_patterns`: node-name regexes kept in floating point under INT8. `graph`/`weights`: an already loaded
     DeployGraph and its weights description (benchmarks, tests).
     """
@@ -266,7 +249,8 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
     if precision == "int8":
         if calibration is None:
             raise ValueError("INT8 needs calibration images: pass --calibration DIR, a folder of a few hundred "
-                             "images like those the model will see (they are only read, never stored)")
+                             "images like those the model will see or a COCO-format dataset (they are only read, "
+                             "never stored)")
         calibration_paths = select_calibration_images(calibration, calibration_size)
     elif calibration is not None:
         raise ValueError(f"--calibration is for --precision int8, not {precision}")

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from deimv2_deploy.data.calibration import select_calibration_images
 from deimv2_deploy.exporters.common import EXPORTER, ExportResult, Steps, artifact_name, library_versions, resolve_store
 from deimv2_deploy.files import AtomicWrite, file_sha256, write_bytes
-from deimv2_deploy.media import expand_image_paths, read_image
+from deimv2_deploy.media import read_image
 from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes.base import INPUT_NAMES
 from deimv2_deploy.spec import ArtifactSpec, resolve_spec
@@ -175,19 +176,6 @@ def check_tensorrt_version(version: str, precision: str, force: bool = False) ->
 
 
 # --- calibration ------------------------------------------------------------------------------------------
-def select_calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int) -> list[Path]:
-    """Up to `count` image files from a folder / file / list, spread evenly over the sorted list (deterministic)."""
-    if count < 1:
-        raise ValueError(f"calibration_size must be at least 1, got {count}")
-    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    paths = sorted(set(expand_image_paths(items)))
-    if not paths:
-        raise FileNotFoundError(f"no calibration images found in {source}")
-    if len(paths) <= count:
-        return paths
-    return [paths[(i * len(paths)) // count] for i in range(count)]
-
-
 def calibration_batch_size(profile: BatchProfile) -> int:
     """Calibration batch: up to MAX_CALIBRATION_BATCH images, inside the engine's batch range."""
     return max(profile.min, min(profile.max, MAX_CALIBRATION_BATCH))
@@ -393,7 +381,8 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
 
     The ONNX comes from `onnx_path`, or is exported first (`checkpoint` / `random_weights`). `batch` fixes the
     batch; `dynamic_batch` ("MIN:OPT:MAX" or a 3-tuple) sets the profile range (default 1:1:8). INT8 needs
-    `calibration` (a folder or list of representative images; `calibration_size` of them are used).
+    `calibration` (a folder or list of representative images, or a COCO-format dataset; `calibration_size` of them
+    are used).
     `fp32_attention` keeps the ViT attention MatMul/Softmax layers (s/m/l/x) in FP32 in FP16/INT8 engines.
     An FP32 engine that disagrees with ONNX Runtime raises ParityError and nothing is written; FP16/INT8
     parity is recorded in the sidecar.
