@@ -18,6 +18,7 @@ import shutil
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,13 @@ def write_onnx_with_spec(src: Path, dst: Path, spec: ArtifactSpec) -> None:
 def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
                 output_dir: str | os.PathLike | None = None, opset: int = 17, batch: int | None = None,
                 simplify: bool = True, fp16: bool = False, quiet: bool = False, graph: Any = None,
-                weights: str | None = None) -> ExportResult:
+                weights: str | None = None, class_names: Sequence[str] | None = None,
+                category_ids: Sequence[int] | None = None) -> ExportResult:
     """Export DEIMv2-`variant` to ONNX in the model store; fails loudly when FP32 parity is broken.
 
     `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters)
-    reuse it instead of loading the checkpoint again.
+    reuse it instead of loading the checkpoint again. `class_names`/`category_ids`: the classes to store (one per
+    class); by default those the checkpoint carries, COCO-80 for an 80-class model without names, else class_0..
     """
     info = get_variant_info(variant)
     if batch is not None and batch < 1:
@@ -182,9 +185,10 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
     final = store / artifact_name(info.name, precision, random_weights, batch, ".onnx")
     steps = Steps(f"onnx {info.name}", 5, quiet)
 
-    graph, weights = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps)
+    graph, weights, classes = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps,
+                                           class_names, category_ids)
     spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights,
-                                    precision=precision, batch=batch, exporter=EXPORTER)
+                                    precision=precision, batch=batch, exporter=EXPORTER, **classes.spec_fields())
     with work_folder("deimv2-export-") as work:
         traced = work / final.name
         steps(f"tracing to ONNX (opset {opset}, batch {'dynamic' if batch is None else batch})")
@@ -229,7 +233,7 @@ def export_official_style_onnx(variant: str, *, checkpoint: str | os.PathLike | 
     """
     info = get_variant_info(variant)
     store = resolve_store(output_dir)
-    graph, _ = deploy_graph(info.name, checkpoint, random_weights, store, graph, None, Steps("official", 1, True))
+    graph, _, _ = deploy_graph(info.name, checkpoint, random_weights, store, graph, None, Steps("official", 1, True))
     final = store / official_style_name(info.name, random_weights)
     with work_folder("deimv2-export-") as work:
         traced = work / final.name

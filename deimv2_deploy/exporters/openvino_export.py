@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from deimv2_deploy.classes import ModelClasses
 from deimv2_deploy.data.calibration import select_calibration_images
 from deimv2_deploy.exporters import ExportResult, artifact_name, resolve_store
 from deimv2_deploy.exporters.common import Steps, deploy_graph, library_versions
@@ -203,7 +204,8 @@ def _matching_store_onnx(variant: str, weights: str, random_weights: bool, store
     return path if spec is not None and spec.weights == weights and spec.batch is None else None
 
 
-def _store_onnx(variant: str, graph: Any, weights: str, random_weights: bool, store: Path, quiet: bool) -> Path:
+def _store_onnx(variant: str, graph: Any, weights: str, classes: ModelClasses, random_weights: bool, store: Path,
+                quiet: bool) -> Path:
     """Our FP32 ONNX of these weights: the store's if it was made from the same weights, else a fresh export."""
     from deimv2_deploy.exporters.onnx_export import export_onnx
 
@@ -211,7 +213,7 @@ def _store_onnx(variant: str, graph: Any, weights: str, random_weights: bool, st
     if found is not None:
         return found
     return export_onnx(variant, random_weights=random_weights, output_dir=store, quiet=quiet, graph=graph,
-                       weights=weights).path
+                       weights=weights, class_names=classes.names, category_ids=classes.category_ids).path
 
 
 def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | os.PathLike | None = None,
@@ -219,7 +221,8 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
                     calibration: str | os.PathLike | None = None, calibration_size: int = 300,
                     onnx_path: str | os.PathLike | None = None, source: str = "auto", quiet: bool = False,
                     float_patterns: Sequence[str] = INT8_FLOAT_PATTERNS, graph: Any = None,
-                    weights: str | None = None) -> ExportResult:
+                    weights: str | None = None, class_names: Sequence[str] | None = None,
+                    category_ids: Sequence[int] | None = None) -> ExportResult:
     """Export DEIMv2-`variant` to OpenVINO IR `<store>/deimv2_<size>[_random]_<precision>.xml` (+ .bin).
 
     precision: "fp32" (fails loudly unless boxes are within 1e-2 px and scores within 1e-5 of PyTorch for at
@@ -230,7 +233,8 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
     "onnx"). source "auto": the store's ONNX of these weights when it exists, else the PyTorch module (same graph
     and speed; see the module docstring).
     `float_patterns`: node-name regexes kept in floating point under INT8. `graph`/`weights`: an already loaded
-    DeployGraph and its weights description (benchmarks, tests).
+    DeployGraph and its weights description (benchmarks, tests). `class_names`/`category_ids`: the classes to store
+    (one per class); by default the checkpoint's, COCO-80 for an 80-class model without names, else class_0..
     """
     import openvino as ov
 
@@ -258,15 +262,16 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
     final = store / artifact_name(info.name, precision, random_weights, None, ".xml")
     steps = Steps(f"openvino {info.name} {precision}", 5 if precision == "int8" else 4, quiet)
 
-    graph, weights = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps)
+    graph, weights, classes = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps,
+                                           class_names, category_ids)
     spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights, precision=precision,
-                                    exporter=EXPORTER)
+                                    exporter=EXPORTER, **classes.spec_fields())
     route = source
     if source == "auto":
         route = "onnx" if _matching_store_onnx(info.name, weights, random_weights, store) is not None else "torch"
 
     if route == "onnx":
-        onnx_file = Path(onnx_path) if onnx_path is not None else _store_onnx(info.name, graph, weights,
+        onnx_file = Path(onnx_path) if onnx_path is not None else _store_onnx(info.name, graph, weights, classes,
                                                                               random_weights, store, quiet)
         steps(f"converting {onnx_file.name} with OpenVINO")
         ov_model = convert_from_onnx(onnx_file)
