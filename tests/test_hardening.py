@@ -526,7 +526,8 @@ LAYERS = {  # package part -> the parts it may import (besides itself)
     "top": {"core", "data", "models", "training", "runtimes", "exporters", "evaluation", "top"},
 }
 _PARTS = {"data": "data", "models": "models", "training": "training", "runtimes": "runtimes", "exporters": "exporters",
-          "evaluation": "evaluation", "benchmarks": "top", "cli": "top", "capi": "top", "demo": "top"}
+          "evaluation": "evaluation", "benchmarks": "top", "cli": "top", "capi": "top", "demo": "top",
+          "serving": "top"}
 
 
 def _layer(module: str) -> str:

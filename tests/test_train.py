@@ -64,10 +64,24 @@ def test_fit_writes_official_checkpoints_log_and_curves_and_export_takes_them(ti
     assert len(epochs) == 2 and all(0.0 <= r["val"]["AP"] <= 1.0 for r in epochs)
     assert summary["best_epoch"] in (1, 2)
 
-    # the checkpoint goes through deimv2-export unchanged, and the ONNX runs with the dataset's 8 classes
     from deimv2_deploy.exporters.onnx_export import export_onnx
+    from deimv2_deploy.models.checkpoint import read_checkpoint
     from deimv2_deploy.runtimes import load_runtime
+    from deimv2_deploy.training.trainer import release_weights
 
+    # the released weights (deimv2-train --release) are the EMA weights and classes, without the training state
+
+    released = torch.load(release_weights(out / "best.pth", tmp_path / "model.pth"), map_location="cpu",
+                          weights_only=True)
+    assert set(released) == {"ema", "deimv2"} and "torch_rng" not in released["deimv2"]
+    assert released["deimv2"]["class_names"] == state["deimv2"]["class_names"]
+    weights, _ = read_checkpoint(tmp_path / "model.pth")
+    best_ema = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["ema"]["module"]
+    assert weights.keys() == best_ema.keys() and all(torch.equal(weights[k], best_ema[k]) for k in weights)
+    with pytest.raises(TrainingError, match="--release .*not a deimv2-train checkpoint"):
+        release_weights(tmp_path / "model.pth", tmp_path / "again.pth")
+
+    # the checkpoint goes through deimv2-export unchanged, and the ONNX runs with the dataset's 8 classes
     result = export_onnx("atto", checkpoint=out / "best.pth", output_dir=tmp_path / "store", quiet=True)
     runtime = load_runtime(result.path)
     detections = runtime.predict((torch.rand(200, 240, 3) * 255).to(torch.uint8).numpy())

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="official .pth/.safetensors or Hugging Face folder (default: the model store)")
     src.add_argument("--random-weights", action="store_true",
                      help="deterministic untrained weights, for plumbing and benchmarks (recorded in the metadata)")
-    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt", "triton"], default="onnx",
+                   help="triton: a Triton model repository entry (see --triton-backend)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="OpenVINO/TensorRT precision (ONNX: use --fp16)")
     p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint carries (deimv2-train, config.json id2label), COCO's for 80 classes, else class_N")
     p.add_argument("--category-ids", metavar="FILE|1,5,9",
                    help="the dataset category id of each class, in label order (what deimv2-val maps labels to)")
+    _add_triton_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -75,6 +77,35 @@ def _classes(args: argparse.Namespace) -> dict:
     if args.category_ids:
         ids = read_category_ids(args.category_ids)
     return {"class_names": names, "category_ids": ids}
+
+
+def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
+    """deimv2-export's Triton options (--format triton)."""
+    from deimv2_deploy.exporters.triton_export import (
+        BACKENDS,
+        DEFAULT_MAX_BATCH,
+        DEFAULT_QUEUE_DELAY_US,
+        KINDS,
+    )
+
+    group = parser.add_argument_group("Triton model repository (--format triton)")
+    group.add_argument("--triton-backend", choices=BACKENDS, default="onnxruntime",
+                       help="Triton backend: onnxruntime (model.onnx), openvino (model.xml/.bin), "
+                            "tensorrt (model.plan)")
+    group.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                       help=f"Triton max_batch_size (dynamic batching up to it; 0: off; default {DEFAULT_MAX_BATCH})")
+    group.add_argument("--triton-model", metavar="FILE",
+                       help="put this exported model in the repository as it is (.onnx, .xml, or a TensorRT "
+                            ".engine/.plan with its .json sidecar) instead of exporting one")
+    group.add_argument("--triton-repository", metavar="DIR", help="model repository (default: <store>/triton)")
+    group.add_argument("--triton-name", help="model name (default: the artifact's name and the backend)")
+    group.add_argument("--triton-instances", type=int, default=1, help="model instances (instance_group count)")
+    group.add_argument("--triton-kind", choices=sorted(KINDS),
+                       help="instance kind (default: cpu for onnxruntime/openvino, gpu for tensorrt)")
+    group.add_argument("--triton-threads", type=int,
+                       help="inference threads per instance (ONNX Runtime intra-op / OpenVINO threads)")
+    group.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                       help=f"longest wait for a batch to fill, microseconds (default {DEFAULT_QUEUE_DELAY_US})")
 
 
 def _export_one(args: argparse.Namespace, size: str):
@@ -98,6 +129,8 @@ def _export_one(args: argparse.Namespace, size: str):
         return export_openvino(size, precision=args.precision, calibration=args.calibration,
                                calibration_size=args.calibration_size, source=args.openvino_source,
                                onnx_path=args.onnx_path, quiet=args.quiet, **common)
+    if args.format == "triton":
+        return _export_triton(args, size)
     from deimv2_deploy.exporters.tensorrt_export import export_tensorrt, parse_dynamic_batch
 
     dynamic = None
@@ -110,11 +143,40 @@ def _export_one(args: argparse.Namespace, size: str):
                            device=args.device, check_parity=not args.no_parity, quiet=args.quiet, **common)
 
 
+def _export_triton(args: argparse.Namespace, size: str):
+    from deimv2_deploy.exporters.triton_export import export_triton
+
+    backend, model_path = args.triton_backend, args.triton_model
+    if backend == "onnxruntime":  # the ONNX file is the model itself
+        model_path = model_path or args.onnx_path
+        options = dict(opset=args.opset, batch=args.batch, simplify=not args.no_simplify)
+        precision = "fp16" if args.fp16 else args.precision
+    elif backend == "openvino":
+        options = dict(calibration=args.calibration, calibration_size=args.calibration_size,
+                       source=args.openvino_source, onnx_path=args.onnx_path)
+        precision = args.precision
+    else:
+        options = dict(calibration=args.calibration, calibration_size=args.calibration_size, batch=args.batch,
+                       workspace_gb=args.workspace, timing_cache=args.timing_cache, fp32_attention=args.fp32_attention,
+                       force=args.force, onnx_path=args.onnx_path, device=args.device, check_parity=not args.no_parity)
+        if args.dynamic_batch not in (None, "dynamic"):
+            options["dynamic_batch"] = args.dynamic_batch
+        precision = args.precision
+    if model_path is None:  # exported now: with the model's classes (a given artifact carries its own)
+        options.update({k: v for k, v in _classes(args).items() if v is not None})
+    return export_triton(size, backend, model_path=model_path, repository=args.triton_repository,
+                         name=args.triton_name, max_batch=args.max_batch, instances=args.triton_instances,
+                         kind=args.triton_kind, threads=args.triton_threads, queue_delay_us=args.triton_queue_delay_us,
+                         checkpoint=args.checkpoint, random_weights=args.random_weights, precision=precision,
+                         exporter_options=options, output_dir=args.output_dir, quiet=args.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch is not None and args.batch < 1:
         build_parser().error(f"--batch must be at least 1, got {args.batch}")
-    if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt":
+    if args.dynamic_batch not in (None, "dynamic") and args.format != "tensorrt" and not (
+            args.format == "triton" and args.triton_backend == "tensorrt"):
         build_parser().error("--dynamic-batch MIN:OPT:MAX is for --format tensorrt; "
                              "ONNX and OpenVINO artifacts are dynamic by default")
 
@@ -126,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             if not args.json:
                 print(f"wrote {result.path}\n  {result.spec.describe()}  ({result.seconds:.1f} s)")
+                if args.format == "triton":
+                    print(f"  serve it: tritonserver --model-repository {result.path.parent.resolve()}")
                 if result.spec.random_weights:
                     print("  NOTE: random weights: detections are meaningless; use an official checkpoint for real use")
         if args.json:

@@ -49,12 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-val-images", type=int, help="validate on at most this many images")
     p.add_argument("--no-amp", action="store_true", help="CUDA: train in float32 (default: mixed precision)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--release", nargs=2, metavar=("CHECKPOINT", "OUTPUT"),
+                   help="write the deployable part of a deimv2-train checkpoint (EMA weights, classes, settings; "
+                   "no optimizer state) to OUTPUT, then exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
+    if args.release:
+        def release() -> int:
+            from deimv2_deploy.training.trainer import release_weights
+
+            out = release_weights(*args.release)
+            print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): EMA weights and classes of {args.release[0]}")
+            return 0
+
+        return run_cli(release, "deimv2-train")
     if args.resume is None:
         missing = [flag for flag, value in (("SIZE", args.size), ("--images", args.images),
                                             ("--annotations", args.annotations)) if value is None]

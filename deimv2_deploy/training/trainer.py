@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TrainSettings", "Trainer", "TrainingInterrupted", "TrainingError", "CHECKPOINT_FORMAT"]
+__all__ = ["TrainSettings", "Trainer", "TrainingInterrupted", "TrainingError", "CHECKPOINT_FORMAT", "release_weights"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -398,18 +398,37 @@ def _learning_rate(settings: TrainSettings, recipe: Any) -> float:
     return recipe.lr * (settings.batch / recipe.batch_size) ** 0.5
 
 
-def _read_resume(path: str | os.PathLike) -> dict[str, Any]:
+def _read_resume(path: str | os.PathLike, flag: str = "--resume") -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise TrainingError(f"--resume {p}: no such checkpoint (expected OUTPUT_DIR/last.pth of a deimv2-train run)")
+        raise TrainingError(f"{flag} {p}: no such checkpoint (expected OUTPUT_DIR/last.pth or best.pth of a "
+                            "deimv2-train run)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or one carrying code
-        raise TrainingError(f"--resume {p}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise TrainingError(f"{flag} {p}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "deimv2" not in state or "optimizer" not in state:
-        raise TrainingError(f"--resume {p} is not a deimv2-train checkpoint (no training state); to start from its "
+        raise TrainingError(f"{flag} {p} is not a deimv2-train checkpoint (no training state); to start from its "
                             "weights use --checkpoint instead")
     return state
+
+
+def release_weights(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """The deployable part of a deimv2-train checkpoint: its EMA weights (what validation measured) and the
+    deimv2 metadata (size, classes, category ids, settings, progress), without the optimizer, scheduler and RNG
+    states a resume needs (about a quarter of the size). Exporters, runtimes and --checkpoint read it as any
+    official checkpoint ({"ema": {"module": ...}})."""
+    from deimv2_deploy.media import atomic_path
+
+    src, dst = Path(checkpoint), Path(output)
+    state = _read_resume(src, flag="--release")
+    meta = {k: v for k, v in state["deimv2"].items() if k not in ("torch_rng", "cuda_rng")}
+    meta["released_from"] = src.name
+    slim = {"ema": {"module": state["ema"]["module"], "updates": state["ema"].get("updates", 0)}, "deimv2": meta}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        torch.save(slim, tmp)
+    return dst
 
 
 def _merge_resume_settings(stored: TrainSettings, given: TrainSettings) -> TrainSettings:
