@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         torch.set_num_threads(1)
-        model, _ = load_reference(size, random_weights=True)
+        model, _, _ = load_reference(size, random_weights=True)
         gflop = model_gflops(model, size)["total"]
         del model
         row = speed[size]

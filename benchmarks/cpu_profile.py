@@ -161,7 +161,7 @@ def profile_size(size: str, folder: Path, iters: int) -> dict[str, Any]:
     from deimv2_deploy.spec import ArtifactSpec
 
     torch.set_num_threads(1)
-    model, _ = load_reference(size, random_weights=True)
+    model, _, _ = load_reference(size, random_weights=True)
     flops = model_gflops(model, size)
     inputs = parity_batch(ArtifactSpec.for_variant(size), 1).as_inputs()
     images = torch.from_numpy(inputs["images"].copy())

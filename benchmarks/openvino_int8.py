@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, drift_rows = [], []
     for k, size in enumerate(args.sizes):
-        model, weights = load_reference(size, random_weights=True)
+        model, weights, _ = load_reference(size, random_weights=True)
         graph = DeployGraph(model).eval()
         variants = {"fp32": dict(precision="fp32"),
                     "int8": dict(precision="int8", calibration=calib, calibration_size=args.calibration_size),

@@ -15,13 +15,17 @@ __all__ = ["Detections"]
 
 @dataclass(frozen=True, eq=False)
 class Detections:
-    """N detections of one image. `xyxy` float32 (N, 4) pixels, `scores` float32 (N,), `labels` int64 (N,)."""
+    """N detections of one image. `xyxy` float32 (N, 4) pixels, `scores` float32 (N,), `labels` int64 (N,).
+
+    `class_names[label]` names a label; `category_ids[label]` is its dataset category id where the model carries
+    them (a custom-class model; None for COCO-80 and models without ids)."""
 
     xyxy: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
     class_names: Sequence[str] = field(default=COCO_CLASSES, repr=False)
     image_size: tuple[int, int] | None = None  # (height, width) of the image the boxes refer to
+    category_ids: Sequence[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         xyxy = np.asarray(self.xyxy, dtype=np.float32)
@@ -45,6 +49,11 @@ class Detections:
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.category_ids is not None:
+            ids = tuple(int(i) for i in self.category_ids)
+            if len(ids) != len(self.class_names):
+                raise ValueError(f"{len(ids)} category ids for {len(self.class_names)} class names")
+            object.__setattr__(self, "category_ids", ids)
 
     # --- basics -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -54,12 +63,15 @@ class Detections:
         """Select rows with an int, slice, index array or boolean mask."""
         if isinstance(index, (int, np.integer)):
             index = [int(index)]
-        return Detections(self.xyxy[index], self.scores[index], self.labels[index], self.class_names, self.image_size)
+        return Detections(self.xyxy[index], self.scores[index], self.labels[index], self.class_names, self.image_size,
+                          self.category_ids)
 
     @classmethod
-    def empty(cls, class_names: Sequence[str] = COCO_CLASSES, image_size: tuple[int, int] | None = None) -> Detections:
+    def empty(cls, class_names: Sequence[str] = COCO_CLASSES, image_size: tuple[int, int] | None = None,
+              category_ids: Sequence[int] | None = None) -> Detections:
         zeros = np.zeros
-        return cls(zeros((0, 4), np.float32), zeros(0, np.float32), zeros(0, np.int64), class_names, image_size)
+        return cls(zeros((0, 4), np.float32), zeros(0, np.float32), zeros(0, np.int64), class_names, image_size,
+                   category_ids)
 
     @property
     def names(self) -> list[str]:
@@ -82,12 +94,14 @@ class Detections:
 
     # --- export -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: one entry per detection with box [x1, y1, x2, y2], score, label and class name."""
+        """JSON-ready: one entry per detection with box [x1, y1, x2, y2], score, label and class name (and the
+        dataset category id where the model carries them)."""
+        ids = self.category_ids
         return {
             "image_size": None if self.image_size is None else list(self.image_size),
             "detections": [
                 {"box": [round(float(v), 3) for v in box], "score": round(float(s), 6), "label": int(lab),
-                 "class_name": self.class_names[int(lab)]}
+                 "class_name": self.class_names[int(lab)], **({} if ids is None else {"category_id": ids[int(lab)]})}
                 for box, s, lab in zip(self.xyxy, self.scores, self.labels, strict=True)
             ],
         }
@@ -96,7 +110,10 @@ class Detections:
         return json.dumps(self.to_dict(), **kwargs)
 
     def to_coco(self, image_id: int, category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        """COCO results format ([x, y, w, h]); `category_ids` maps labels to dataset ids (COCO's 1..90 if given)."""
+        """COCO results format ([x, y, w, h]); `category_ids` maps labels to dataset ids (default: the model's own,
+        else the label itself)."""
+        if category_ids is None:
+            category_ids = self.category_ids
         out = []
         for (x1, y1, x2, y2), s, lab in zip(self.xyxy, self.scores, self.labels, strict=True):
             cat = int(category_ids[lab]) if category_ids is not None else int(lab)

@@ -23,8 +23,8 @@ from deimv2_deploy.data.categories import CategoryMapping, match_categories
 from deimv2_deploy.data.coco import CocoDataset, DatasetError, load_coco, read_record_image
 from deimv2_deploy.detections import Detections
 
-__all__ = ["METRIC_KEYS", "evaluate", "evaluate_dataset", "coco_results", "coco_metrics", "evaluator_info",
-           "format_metrics"]
+__all__ = ["METRIC_KEYS", "evaluate", "evaluate_dataset", "evaluation_subset", "coco_results", "coco_metrics",
+           "evaluator_info", "format_metrics"]
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _METRIC_TEXT = {  # the rows of pycocotools' summary, for the printed table
@@ -141,13 +141,8 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
     """`evaluate` on a dataset already loaded with `load_coco` (as a training loop holds it)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be >= 1, got {max_images}")
     evaluator = evaluator_info()
-    subset = dataset.subset(max_images)
-    if not any(len(r) and not r.iscrowd.all() for r in subset.images):
-        raise DatasetError(f"the {len(subset)} images evaluated from {dataset.annotation_file} have no annotated "
-                           "objects: there is nothing to measure; pass a dataset with annotations")
+    subset = evaluation_subset(dataset, max_images)
     artifact = _artifact_identity(runtime)
     mapping = match_categories(runtime.spec.class_names, runtime.spec.dataset_category_ids(), dataset.categories,
                                model=f"the model ({artifact['path'] or artifact['variant']})",
@@ -193,6 +188,17 @@ def evaluate_dataset(runtime: Any, dataset: CocoDataset, batch: int = 8, max_ima
                         "objects": sum(counts.values())},
             "protocol": {"top_k": runtime.spec.top_k, "score_threshold": 0.0, "boxes": "original image pixels"},
             "notes": list(mapping.notes)}
+
+
+def evaluation_subset(dataset: CocoDataset, max_images: int | None = None) -> CocoDataset:
+    """The images an evaluation reads (the first `max_images`); DatasetError when they hold no object to find."""
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    subset = dataset.subset(max_images)
+    if not any(len(r) and not r.iscrowd.all() for r in subset.images):
+        raise DatasetError(f"the {len(subset)} images evaluated from {dataset.annotation_file} have no annotated "
+                           "objects: there is nothing to measure; pass a dataset with annotations")
+    return subset
 
 
 def _artifact_identity(runtime: Any) -> dict[str, Any]:

@@ -7,14 +7,13 @@ reads it from there and never guesses normalisation from a file name. Stored as 
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from deimv2_deploy import __version__
-from deimv2_deploy.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from deimv2_deploy.classes import COCO_CATEGORY_IDS, COCO_CLASSES, checked_category_ids
 from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["ArtifactSpec", "METADATA_KEY", "SPEC_FORMAT", "RESIZE_MODES", "EXPORTER", "resolve_spec"]
@@ -58,7 +57,7 @@ class ArtifactSpec:
         object.__setattr__(self, "input_size", (int(h), int(w)))
         object.__setattr__(self, "class_names", tuple(self.class_names))
         if self.category_ids is not None:
-            object.__setattr__(self, "category_ids", _checked_category_ids(self.category_ids, len(self.class_names)))
+            object.__setattr__(self, "category_ids", checked_category_ids(self.category_ids, len(self.class_names)))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -139,25 +138,6 @@ class ArtifactSpec:
         weights = "RANDOM (deterministic, untrained: not for real detection)" if self.random_weights else self.weights
         return (f"DEIMv2-{self.variant} {self.input_size[0]}x{self.input_size[1]}, normalisation {norm}, "
                 f"resize {self.resize}, {self.precision}, batch {batch}, weights: {weights}")
-
-
-def _checked_category_ids(ids: object, num_classes: int) -> tuple[int, ...]:
-    """One integer id >= 0 per class, all different (COCO ids are usually 1.., Roboflow exports start at 0)."""
-    try:
-        values = tuple(ids)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"category_ids must be a sequence of integers, got {ids!r}") from None
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
-    if bad:
-        raise ValueError(f"category_ids must be integers >= 0, got {bad[:5]}")
-    values = tuple(int(v) for v in values)
-    if len(values) != num_classes:
-        raise ValueError(f"category_ids has {len(values)} ids but there are {num_classes} class names; "
-                         "give one dataset category id per class")
-    if len(set(values)) != len(values):
-        dupes = sorted({v for v in values if values.count(v) > 1})
-        raise ValueError(f"category_ids must be unique, got {dupes} more than once")
-    return values
 
 
 def resolve_spec(stored: ArtifactSpec | None, path: str | os.PathLike, variant: str | None, *,

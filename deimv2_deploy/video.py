@@ -570,7 +570,7 @@ def write_synthetic_video(path: str | os.PathLike, frames: int = 120, size: tupl
 
 
 def _json_record(index: int, timestamp: float, dets: Detections) -> str:
-    names = dets.class_names
+    names, ids = dets.class_names, dets.category_ids
     return json.dumps({
         "frame": index,
         "timestamp": round(timestamp, 6),
@@ -578,6 +578,7 @@ def _json_record(index: int, timestamp: float, dets: Detections) -> str:
         "scores": [round(float(s), 5) for s in dets.scores],
         "labels": [int(lab) for lab in dets.labels],
         "class_names": [names[int(lab)] for lab in dets.labels],
+        **({} if ids is None else {"category_ids": [ids[int(lab)] for lab in dets.labels]}),
     }, separators=(",", ":"))
 
 
@@ -703,10 +704,11 @@ def run_video(runtime: Any, source: str | int | os.PathLike, *, output: str | os
     """Detect objects in every frame of `source`; write an annotated video and/or JSON lines.
 
     output: an .mp4 (mp4v, the source's resolution and frame rate). json_path: one JSON object per frame
-    (`frame`, `timestamp` s, `boxes` xyxy px, `scores`, `labels`, `class_names`). On failure the stages stop,
-    what was written is kept as `<name>.partial.<ext>` and the error is re-raised; nothing appears under the
-    final names (Ctrl-C on a camera or stream is a normal end, not a failure). preview: a window (when this
-    OpenCV has a GUI and a display exists; else a warning).
+    (`frame`, `timestamp` s, `boxes` xyxy px, `scores`, `labels`, `class_names`, and `category_ids` for a model
+    carrying dataset category ids). On failure the stages stop, what was written is kept as
+    `<name>.partial.<ext>` and the error is re-raised; nothing appears under the final names (Ctrl-C on a camera
+    or stream is a normal end, not a failure). preview: a window (when this OpenCV has a GUI and a display exists;
+    else a warning).
     max_detections: draw and record at most this many per frame (best first).
     """
     _check_options(score_threshold, max_frames, max_detections, queue_size)

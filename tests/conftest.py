@@ -36,3 +36,67 @@ def atto_onnx(model_store):
 def s_onnx(model_store):
     """ExportResult of DEIMv2-s with deterministic random weights (dynamic batch)."""
     return _export(model_store, "s")
+
+
+@pytest.fixture(scope="session")
+def coco80_from_detections(tmp_path_factory, atto_onnx):
+    """(root, annotation file) of a COCO-80 dataset whose ground truth is part of the random-weight atto's own
+    detections (images in root/images): a real runtime scores well above zero on it."""
+    from detection_data import write_dataset_from_detections
+
+    from deimv2_deploy.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+    from deimv2_deploy.runtimes import load_runtime
+
+    root = tmp_path_factory.mktemp("coco80")
+    runtime = load_runtime(atto_onnx.path)
+    _, ann = write_dataset_from_detections(runtime, root, COCO_CATEGORY_IDS, COCO_CLASSES)
+    runtime.close()
+    return root, ann
+
+
+@pytest.fixture(scope="session")
+def three_class_model(tmp_path_factory):
+    """A 3-class atto (deterministic random weights) through deimv2-export: `checkpoint` in deimv2-train's format
+    (names and category ids inside), `plain` the same weights as the official training code saves them (no names),
+    `onnx` exported from `checkpoint`, `xml` (OpenVINO IR) from `plain` + --class-names/--category-ids."""
+    import types
+    import warnings
+
+    import torch
+    from detection_data import THREE_CATEGORY_IDS, THREE_CLASSES
+
+    from deimv2_deploy.cli.export import main as export_main
+    from deimv2_deploy.models import build_model
+    from deimv2_deploy.models.random_weights import apply_deterministic_weights
+
+    folder = tmp_path_factory.mktemp("three_classes")
+    store = folder / "store"
+    state = apply_deterministic_weights(build_model("atto", num_classes=3), seed=3).state_dict()
+    checkpoint, plain = folder / "finetuned.pth", folder / "official_format.pth"
+    torch.save({"model": state, "deimv2": {"size": "atto", "class_names": list(THREE_CLASSES),
+                                           "category_ids": list(THREE_CATEGORY_IDS)}}, checkpoint)
+    torch.save({"model": state}, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings
+        assert export_main(["atto", "--checkpoint", str(checkpoint), "--output-dir", str(store), "--quiet"]) == 0
+        onnx_path = store / "deimv2_atto_fp32.onnx"
+        assert export_main(["atto", "--format", "openvino", "--checkpoint", str(plain), "--onnx", str(onnx_path),
+                            "--class-names", ",".join(THREE_CLASSES), "--category-ids",
+                            ",".join(map(str, THREE_CATEGORY_IDS)), "--output-dir", str(store), "--quiet"]) == 0
+    return types.SimpleNamespace(checkpoint=checkpoint, plain=plain, onnx=onnx_path,
+                                 xml=store / "deimv2_atto_fp32.xml", names=THREE_CLASSES, ids=THREE_CATEGORY_IDS)
+
+
+@pytest.fixture(scope="session")
+def three_class_dataset(tmp_path_factory, three_class_model):
+    """(images folder, annotation file): ground truth from the 3-class ONNX's own detections, labelled with the
+    model's category ids 11, 37, 90."""
+    from detection_data import write_dataset_from_detections
+
+    from deimv2_deploy.runtimes import load_runtime
+
+    runtime = load_runtime(three_class_model.onnx)
+    found = write_dataset_from_detections(runtime, tmp_path_factory.mktemp("three_class_data"), three_class_model.ids,
+                                          three_class_model.names, count=8)
+    runtime.close()
+    return found

@@ -28,7 +28,7 @@ def test_every_size_on_every_cpu_backend_matches_pytorch(size, tmp_path):
     from deimv2_deploy.exporters.onnx_export import export_onnx
     from deimv2_deploy.exporters.openvino_export import export_openvino
 
-    model, weights = load_reference(size, random_weights=True)
+    model, weights, _ = load_reference(size, random_weights=True)
     graph = DeployGraph(model).eval()
     onnx = export_onnx(size, random_weights=True, output_dir=tmp_path, graph=graph, weights=weights, quiet=True)
     ir = export_openvino(size, random_weights=True, output_dir=tmp_path, graph=graph, weights=weights, quiet=True)

@@ -179,15 +179,17 @@ def test_end_to_end_mode_times_each_stage():
 def test_json_schema_is_stable(fake_result, tmp_path):
     data = json.loads(write_json(fake_result, tmp_path / "r.json").read_text())
     assert data["schema_version"] == SCHEMA_VERSION == 1
-    assert set(data) == {"schema_version", "tool", "created_utc", "elapsed_s", "command", "config", "system", "rows"}
+    assert set(data) == {"schema_version", "tool", "created_utc", "elapsed_s", "command", "config", "system",
+                         "accuracy", "rows"}
     assert set(data["config"]) == {"sizes", "backends", "precisions", "device", "batches", "threads", "warmup",
                                    "iters", "seconds", "mode", "video", "random_weights", "checkpoint_dir",
-                                   "calibration", "parity", "interleave"}
+                                   "calibration", "parity", "interleave", "accuracy"}
+    assert data["accuracy"] is None and data["config"]["accuracy"] is None  # no --accuracy
     assert {"cpu", "threads", "gpus", "libraries", "os", "python", "command", "load_average"} <= set(data["system"])
     row_keys = {"size", "backend", "precision", "batch", "mode", "tier", "device", "device_name", "threads", "status",
                 "reason", "artifact", "artifact_reused", "prepare_s", "backend_version", "weights", "random_weights",
                 "load_s", "first_ms", "warmup", "iters", "latency_ms", "fps", "throughput_ips", "rss_mb",
-                "peak_rss_mb", "load_1m", "speedup_vs_torch", "parity", "stages_ms", "notes", "samples_ms"}
+                "peak_rss_mb", "load_1m", "speedup_vs_torch", "parity", "stages_ms", "notes", "samples_ms", "accuracy"}
     for row in data["rows"]:
         assert set(row) == row_keys
         assert set(row["latency_ms"]) == {"count", "mean", "std", "min", "p50", "p90", "p99", "max", "total_s"}
@@ -350,3 +352,132 @@ def test_a_new_kind_of_row_is_one_table_entry(atto_onnx, monkeypatch):
     assert rows[("torch", "fp32-basic")].status == "skipped"  # no such kind of torch row: says so
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         BenchConfig(precisions=("fp8",))
+
+
+# --- --accuracy: AP beside latency -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def person_dataset(tmp_path_factory):
+    """(images, annotations): 3 images with one COCO 'person' each, exactly where the fake backends' best box (label
+    0 = person, [0, 3, 6, 9] px) lies. The fakes' other labels have no ground truth, so AP is known in advance."""
+    import cv2
+
+    from deimv2_deploy.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+
+    root = tmp_path_factory.mktemp("persons")
+    (root / "images").mkdir()
+    images, anns = [], []
+    for i in range(3):
+        cv2.imwrite(str(root / "images" / f"{i}.png"), np.full((64, 64, 3), 40 * i, np.uint8))
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 64})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [0, 3, 6, 6], "area": 36, "iscrowd": 0})
+    cats = [{"id": c, "name": n} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
+    ann = root / "instances_val.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root / "images", ann
+
+
+def test_accuracy_columns_show_each_rows_ap(person_dataset, tmp_path):
+    """The exact fake box: AP 1.0; shifted by 1 px (IoU 0.53): matched at IoU 0.50 only, so AP 0.1 and AP50 1.0.
+    Table, CSV and JSON carry them; random weights say so; a row whose classes are not the dataset's keeps its
+    latency and says why it has no AP."""
+    images, ann = person_dataset
+    loaders = fake_loaders(torch={}, fake={"box_shift": 1.0})
+    config = fake_config(iters=3, accuracy_images=str(images), accuracy_annotations=str(ann))
+    result = run_benchmark(config, loaders=loaders)
+    exact, shifted = (r.accuracy for r in result.rows)
+    assert exact["AP"] == pytest.approx(1.0) and exact["AP50"] == pytest.approx(1.0) and exact["images"] == 3
+    assert shifted["AP"] == pytest.approx(0.1) and shifted["AP50"] == pytest.approx(1.0)
+    assert shifted["random_weights"] is True and shifted["detections"] == 3 * K
+    assert result.accuracy["images"] == 3 and result.accuracy["evaluator"]["name"] == "faster-coco-eval"
+    md = to_markdown(result)
+    header = next(line for line in md.splitlines() if line.startswith("| tier"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[columns.index("img/s") + 1:columns.index("img/s") + 3] == ["AP", "AP50"]
+    assert "0.100 (random weights)" in md and "1.000 (random weights)" in md
+    assert "Accuracy: COCO bbox AP and AP50 of each row's own runtime on 3 of 3 images" in md
+    with open(write_csv(result, tmp_path / "r.csv"), newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [float(line["AP"]) for line in lines] == pytest.approx([1.0, 0.1])
+    assert lines[1]["AP50"] and lines[1]["accuracy_note"] == "random weights" and lines[1]["accuracy_images"] == "3"
+    data = json.loads(write_json(result, tmp_path / "r.json").read_text())
+    assert data["rows"][1]["accuracy"]["AP"] == pytest.approx(0.1)
+    assert data["config"]["accuracy"] == {"images": str(images), "annotations": str(ann), "max_images": None}
+    # the first image only
+    one = run_benchmark(fake_config(iters=3, accuracy_images=str(images), accuracy_annotations=str(ann),
+                                    max_images=1), loaders=loaders)
+    assert [r.accuracy["images"] for r in one.rows] == [1, 1]
+    # a dataset of other classes: latency stays, the AP cell says n/a and the note why
+    other = json.loads(ann.read_text())
+    other["categories"] = [{"id": 1, "name": "widget"}]
+    other_ann = tmp_path / "other.json"
+    other_ann.write_text(json.dumps(other))
+    mismatch = run_benchmark(fake_config(backends=("fake",), iters=3, accuracy_images=str(images),
+                                         accuracy_annotations=str(other_ann)), loaders=loaders).rows[0]
+    assert mismatch.status == "ok" and mismatch.latency.count == 3
+    assert mismatch.accuracy["AP"] is None and "has 80 classes" in mismatch.accuracy["error"]
+    assert "no AP: " in to_markdown(run_benchmark(fake_config(backends=("fake",), iters=3,
+                                                              accuracy_images=str(images),
+                                                              accuracy_annotations=str(other_ann)), loaders=loaders))
+
+
+def test_accuracy_ap_equals_deimv2_val_on_the_same_artifact(atto_onnx, coco80_from_detections, tmp_path, capsys):
+    from deimv2_deploy.cli.val import main as val_main
+
+    root, ann = coco80_from_detections
+    out = tmp_path / "bench.json"
+    assert bench_main(["--sizes", "atto", "--backends", "torch,onnxruntime", "--iters", "2", "--warmup", "1",
+                       "--threads", "1", "--random-weights", "--checkpoint-dir", str(atto_onnx.path.parent),
+                       "--accuracy", "--images", str(root / "images"), "--annotations", str(ann), "--max-images",
+                       "8", "--output", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    rows = {r["backend"]: r for r in load_json(out)["rows"]}
+    assert rows["onnxruntime"]["artifact"] == str(atto_onnx.path) and rows["onnxruntime"]["accuracy"]["images"] == 8
+    val_json = tmp_path / "val.json"
+    assert val_main([str(atto_onnx.path), "--images", str(root / "images"), "--annotations", str(ann), "--max-images",
+                     "8", "--batch", "1", "--json", str(val_json), "--quiet"]) == 0
+    val = json.loads(val_json.read_text())
+    assert val["AP50"] > 0.2  # a dataset with something to measure
+    for key in ("AP", "AP50", "AP75"):
+        assert rows["onnxruntime"]["accuracy"][key] == pytest.approx(val[key], abs=1e-9), key
+        assert rows["torch"]["accuracy"][key] == pytest.approx(val[key], abs=0.01), key  # PyTorch: FP32 parity
+    assert f"{val['AP']:.3f} (random weights)" in table
+
+
+def test_accuracy_options_and_bad_datasets_are_one_line_errors(person_dataset, tmp_path, capsys):
+    images, ann = person_dataset
+    out = tmp_path / "r.json"
+    base = ["--sizes", "atto", "--backends", "tensorrt", "--iters", "2", "--random-weights", "--quiet",
+            "--output", str(out)]
+    cases = [
+        (["--accuracy"], "--accuracy needs a COCO-format dataset"),
+        (["--images", str(images), "--annotations", str(ann)], "--images gives the dataset of --accuracy"),
+        (["--accuracy", "--annotations", str(tmp_path / "none.json"), "--images", str(images)],
+         "annotation file not found"),
+        (["--accuracy", "--data", str(tmp_path)], "holds no 'val' split"),
+    ]
+    for extra, says in cases:
+        assert bench_main([*base, *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("deimv2-bench: error: ") and says in err[-1], err
+        assert not out.exists()
+    with pytest.raises(SystemExit):
+        bench_main([*base, "--accuracy", "--data", str(tmp_path), "--max-images", "0"])
+    empty = json.loads(ann.read_text()) | {"annotations": []}
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    empty_args = ["--accuracy", "--images", str(images), "--annotations", str(tmp_path / "empty.json")]
+    assert bench_main([*base, *empty_args]) == 1
+    assert "nothing to measure" in capsys.readouterr().err and not out.exists()
+
+
+def test_int8_rows_calibrate_on_the_accuracy_dataset(person_dataset, tmp_path):
+    """No --calibration: INT8 rows calibrate on the --accuracy dataset's images; --calibration (here its annotation
+    file: the images it lists, see test_calibration.py) wins."""
+    from deimv2_deploy.benchmarks.artifacts import calibration_folder
+    from deimv2_deploy.data.calibration import select_calibration_images
+
+    images, ann = person_dataset
+    config = fake_config(accuracy_images=str(images), accuracy_annotations=str(ann))
+    assert calibration_folder(config, tmp_path) == str(images)
+    assert select_calibration_images(calibration_folder(config, tmp_path), 300) == sorted(images.glob("*.png"))
+    assert calibration_folder(fake_config(accuracy_images=str(images), accuracy_annotations=str(ann),
+                                          calibration=str(ann)), tmp_path) == str(ann)

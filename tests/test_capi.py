@@ -167,6 +167,7 @@ def test_detect_example_matches_python_api(programs, atto_onnx, images, runtime)
     expected = runtime.predict(images["pixels"], score_threshold=0.0)
     assert from_c["image_size"] == list(images["pixels"].shape[:2])
     assert len(from_c["detections"]) == runtime.spec.top_k == 300
+    assert from_c["classes"] == list(runtime.spec.class_names) and len(from_c["classes"]) == 80  # COCO's, in order
     _assert_same_detections(from_c["detections"], expected, runtime.spec.class_names)
 
 
@@ -181,6 +182,20 @@ def test_detect_example_raw_input_and_threshold(programs, atto_onnx, images, run
     expected = runtime.predict(images["pixels"], score_threshold=threshold)
     assert 0 < len(expected) < 300 and len(from_c["detections"]) == k + 1
     _assert_same_detections(from_c["detections"], expected, runtime.spec.class_names)
+
+
+def test_detect_example_names_a_custom_models_own_classes(programs, three_class_model, images):
+    """A 3-class model (cat, dog, bird) through the C ABI: deimv2_num_classes/deimv2_class_name give its names, on
+    ONNX Runtime and OpenVINO alike, and every detection is named after its label."""
+    from deimv2_deploy.runtimes import load_runtime
+
+    for path in (three_class_model.onnx, three_class_model.xml):
+        from_c = _run_detect(programs, str(path), str(images["ppm"]))
+        assert from_c["classes"] == list(three_class_model.names), path
+        with load_runtime(path) as rt:
+            expected = rt.predict(images["pixels"], score_threshold=0.0)
+        assert len(from_c["detections"]) == 300 and {d["label"] for d in from_c["detections"]} <= {0, 1, 2}
+        _assert_same_detections(from_c["detections"], expected, three_class_model.names)
 
 
 def test_selftest_open_errors(selftest):

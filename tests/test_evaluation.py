@@ -186,60 +186,6 @@ def test_dataset_without_objects_is_an_error(separated, tmp_path):
 
 
 # --- a real runtime: deimv2-val against an independent pycocotools evaluation ---------------------------------
-def _nms(order: list[int], boxes: np.ndarray, labels: np.ndarray, iou: float = 0.5) -> list[int]:
-    """Indices (best first) kept by greedy per-class suppression: ground truth that its own detection matches."""
-    kept: list[int] = []
-    for k in order:
-        b = boxes[k]
-        if all(labels[j] != labels[k] or _iou(b, boxes[j]) < iou for j in kept):
-            kept.append(k)
-    return kept
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-@pytest.fixture(scope="module")
-def coco80_from_detections(tmp_path_factory, atto_onnx):
-    """A COCO-80 dataset whose ground truth is part of the random-weight atto's own detections (jittered), plus
-    objects it will miss, on images of several sizes: a real runtime scores well above zero on it."""
-    from deimv2_deploy.runtimes import load_runtime
-
-    root = tmp_path_factory.mktemp("coco80")
-    (root / "images").mkdir()
-    runtime = load_runtime(atto_onnx.path)
-    rng = np.random.default_rng(1)
-    sizes = [(320, 240), (200, 300), (416, 416), (640, 480), (256, 256), (300, 180)]
-    images, anns = [], []
-    for i, (w, h) in enumerate(sizes * 2):
-        image = cv2.resize(render_scene(3, "val", i, 320).image, (w, h), interpolation=cv2.INTER_AREA)
-        name = f"{i:04d}.jpg"
-        cv2.imwrite(str(root / "images" / name), image)
-        image = read_image(root / "images" / name)
-        images.append({"id": 100 + i, "file_name": name, "width": w, "height": h})
-        dets = runtime.predict(image)
-        boxes = dets.xyxy.copy()
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        wh = boxes[:, 2:] - boxes[:, :2]
-        chosen = _nms([k for k in range(len(dets)) if (wh[k] >= 4).all()], boxes, dets.labels)[:8]
-        for k in chosen:
-            x0, y0 = boxes[k, :2] + rng.normal(0, 1.0, 2)
-            bw, bh = wh[k] * rng.uniform(0.93, 1.07, 2)
-            anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": COCO_CATEGORY_IDS[dets.labels[k]],
-                         "bbox": [float(x0), float(y0), float(bw), float(bh)], "area": float(bw * bh), "iscrowd": 0})
-        anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": COCO_CATEGORY_IDS[dets.labels[0]],
-                     "bbox": [2.0, h * 0.6, w / 3, h / 3], "area": w * h / 9, "iscrowd": 0})  # one it misses
-    cats = [{"id": c, "name": n, "supercategory": ""} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
-    ann = root / "instances_val.json"
-    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root, ann
-
-
 def test_deimv2_val_equals_pycocotools_on_the_same_runtime(atto_onnx, coco80_from_detections, tmp_path, capsys):
     from deimv2_deploy.runtimes import load_runtime
 

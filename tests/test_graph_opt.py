@@ -75,7 +75,7 @@ def test_official_style_onnx_is_the_plain_dynamic_trace(tmp_path):
     with pytest.raises(ValueError, match="variant"):
         load_runtime(path)  # no metadata: the size must be named, as for an official file
     runtime = load_runtime(path, variant="atto", threads=1)
-    model, _ = load_reference("atto", random_weights=True)
+    model, _, _ = load_reference("atto", random_weights=True)
     batch = parity_batch(runtime.spec, count=2)
     report = match_detections(runtime.infer(batch.as_inputs()), reference_outputs(DeployGraph(model), batch))
     assert report["ok"], report  # the same model: the baseline differs from ours in speed only

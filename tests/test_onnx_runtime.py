@@ -19,7 +19,7 @@ def _torch_reference(result, batch):
     from deimv2_deploy.models.graph import DeployGraph
     from deimv2_deploy.models.reference import load_reference
 
-    model, _ = load_reference(result.spec.variant, random_weights=True)
+    model, _, _ = load_reference(result.spec.variant, random_weights=True)
     return reference_outputs(DeployGraph(model), batch)
 
 

@@ -49,7 +49,7 @@ def _reference(variant: str):
     from deimv2_deploy.models.reference import load_reference
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, weights = load_reference(variant, random_weights=True)
+    model, weights, _ = load_reference(variant, random_weights=True)
     return DeployGraph(model).eval(), weights
 
 

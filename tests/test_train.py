@@ -86,6 +86,19 @@ def test_fit_writes_official_checkpoints_log_and_curves_and_export_takes_them(ti
     runtime = load_runtime(result.path)
     detections = runtime.predict((torch.rand(200, 240, 3) * 255).to(torch.uint8).numpy())
     assert len(detections) == 300 and int(detections.labels.max()) < 8
+    # ... with the dataset's class names and category ids in its metadata (ONNX and OpenVINO), which deimv2-val maps
+    # the labels through
+    names, ids = tuple(state["deimv2"]["class_names"]), tuple(state["deimv2"]["category_ids"])
+    assert runtime.spec.class_names == names and runtime.spec.category_ids == ids
+    assert detections.names[0] in names and detections.to_dict()["detections"][0]["category_id"] in ids
+    from deimv2_deploy.evaluation import evaluate
+    from deimv2_deploy.exporters.openvino_export import export_openvino
+
+    ir = export_openvino("atto", checkpoint=out / "best.pth", output_dir=tmp_path / "store", quiet=True)
+    with load_runtime(ir.path) as ir_runtime:
+        assert ir_runtime.spec.class_names == names and ir_runtime.spec.category_ids == ids
+        val = evaluate(ir_runtime, tiny_dataset / "val", tiny_dataset / "annotations" / "instances_val.json")
+    assert val["images"] == 4 and 0.0 <= val["AP"] <= 1.0 and val["artifact"]["classes"] == 8
 
 
 def test_resume_continues_the_same_run_exactly(tiny_dataset, tmp_path):

@@ -191,12 +191,15 @@ def load_torch_reference(size: str, config: BenchConfig, precision: str = "fp32"
 
 
 def calibration_folder(config: BenchConfig, workdir: Path) -> str:
-    """INT8 calibration images: --calibration, else (random weights only) synthetic scenes written to `workdir`."""
+    """INT8 calibration images: --calibration (images or a COCO dataset), else the --accuracy dataset's images, else
+    (random weights only) synthetic scenes written to `workdir`."""
     if config.calibration:
         return config.calibration
+    if config.accuracy_images is not None:
+        return config.accuracy_images
     if not config.random_weights:
         raise Skip("INT8 needs calibration images: pass --calibration DIR (a few hundred images like those the "
-                   "model will see)")
+                   "model will see, or a COCO-format dataset)")
     from deimv2_deploy.exporters.parity import parity_images
     from deimv2_deploy.media import write_image
 

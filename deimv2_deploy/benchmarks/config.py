@@ -48,12 +48,16 @@ class BenchConfig:
     video: str | None = None
     random_weights: bool = False
     checkpoint_dir: str | None = None  # official checkpoints; also where artifacts are exported to and reused from
-    calibration: str | None = None  # images for INT8 calibration (random weights: synthetic scenes when None)
+    calibration: str | None = None  # INT8 calibration: images or a COCO dataset (default: the accuracy dataset, or
+    # synthetic scenes with random weights)
     parity: bool = True
     progress: bool = True
     keep_samples: bool = True  # raw per-call latencies in the JSON
     command: str | None = None
     interleave: bool = False  # rows of one size and batch take turns call by call (see the module docstring)
+    accuracy_images: str | None = None  # with accuracy_annotations: every row also measures COCO AP on this dataset
+    accuracy_annotations: str | None = None
+    max_images: int | None = None  # accuracy on the first N images only
 
     def __post_init__(self) -> None:
         sizes = tuple(get_variant_info(s).name for s in self.sizes)  # raises on unknown sizes
@@ -93,6 +97,14 @@ class BenchConfig:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if (self.accuracy_images is None) != (self.accuracy_annotations is None):
+            raise ValueError("accuracy needs both the image folder and the annotation file (--images and "
+                             "--annotations, or --data DIR)")
+        if self.max_images is not None:
+            if not self.accuracy:
+                raise ValueError("--max-images bounds the accuracy dataset: add --accuracy")
+            if self.max_images < 1:
+                raise ValueError(f"--max-images must be at least 1, got {self.max_images}")
         if self.mode == "video":
             if not self.video:
                 raise ValueError("--mode video needs --video PATH (a video file)")
@@ -103,6 +115,11 @@ class BenchConfig:
             if self.interleave:
                 raise ValueError("--interleave times calls of several rows in turn; --mode video streams one "
                                  "file per row: leave --interleave out")
+
+    @property
+    def accuracy(self) -> bool:
+        """Whether every row also measures COCO AP (on accuracy_images + accuracy_annotations)."""
+        return self.accuracy_annotations is not None
 
     @property
     def threads_used(self) -> int:
@@ -122,7 +139,10 @@ class BenchConfig:
                 "device": self.device, "batches": list(self.batches), "threads": self.threads_used,
                 "warmup": self.warmup, "iters": self.iters, "seconds": self.seconds, "mode": self.mode,
                 "video": self.video, "random_weights": self.random_weights, "checkpoint_dir": self.checkpoint_dir,
-                "calibration": self.calibration, "parity": self.parity, "interleave": self.interleave}
+                "calibration": self.calibration, "parity": self.parity, "interleave": self.interleave,
+                "accuracy": None if not self.accuracy else {"images": self.accuracy_images,
+                                                            "annotations": self.accuracy_annotations,
+                                                            "max_images": self.max_images}}
 
 
 @dataclass(frozen=True)
@@ -169,6 +189,7 @@ class BenchRow:
     weights: str | None = None
     random_weights: bool | None = None
     notes: list[str] = field(default_factory=list)  # how the artifact was made (export time, calibration...)
+    accuracy: dict[str, Any] | None = None  # --accuracy: AP, AP50, AP75 on the dataset (or the error), see accuracy.py
 
     @property
     def key(self) -> RowKey:
@@ -188,7 +209,7 @@ class BenchRow:
             "peak_rss_mb": self.peak_rss_mb, "load_1m": self.load_1m, "speedup_vs_torch": self.speedup_vs_torch,
             "parity": self.parity,
             "stages_ms": None if self.stages is None else {k: v.to_dict() for k, v in self.stages.items()},
-            "notes": list(self.notes), "samples_ms": self.samples_ms,
+            "notes": list(self.notes), "samples_ms": self.samples_ms, "accuracy": self.accuracy,
         }
 
 
@@ -199,8 +220,10 @@ class BenchResult:
     rows: list[BenchRow] = field(default_factory=list)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     elapsed_s: float = 0.0
+    accuracy: dict[str, Any] | None = None  # --accuracy: the dataset and evaluator every row's AP was measured with
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "tool": "deimv2-bench", "created_utc": self.created,
                 "elapsed_s": round(self.elapsed_s, 3), "command": self.system.get("command"),
-                "config": self.config.to_dict(), "system": self.system, "rows": [r.to_dict() for r in self.rows]}
+                "config": self.config.to_dict(), "system": self.system, "accuracy": self.accuracy,
+                "rows": [r.to_dict() for r in self.rows]}

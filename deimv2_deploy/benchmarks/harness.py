@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from deimv2_deploy.benchmarks.accuracy import AccuracyProbe
 from deimv2_deploy.benchmarks.artifacts import (
     PRECISIONS,
     artifact_notes,
@@ -104,8 +105,8 @@ def _fail(row: BenchRow, error: Exception) -> None:
 
 
 def _finish_row(row: BenchRow, key: RowKey, runtime: Runtime, timing: Timing, graph_only: bool,
-                config: BenchConfig, references: References) -> BenchRow:
-    """Statistics, memory and parity of a timed row; closes its runtime."""
+                config: BenchConfig, references: References, accuracy: AccuracyProbe | None) -> BenchRow:
+    """Statistics, memory, parity (and with --accuracy, AP) of a timed row; closes its runtime."""
     try:
         row.rss_mb, row.peak_rss_mb = memory_mb()  # while the runtime is still loaded
         row.load_1m = (load_average() or [None])[0]
@@ -116,6 +117,8 @@ def _finish_row(row: BenchRow, key: RowKey, runtime: Runtime, timing: Timing, gr
         if config.parity or key.backend == "torch":
             outputs = (timing.output if graph_only and config.mode in ("model", "predict")
                        else runtime.infer(bench_inputs(runtime, key.batch).as_inputs()))
+        if accuracy is not None:  # after the timing and the load figures: evaluation is not timed
+            row.accuracy = accuracy.measure(runtime, key.batch)
     except Exception as e:  # noqa: BLE001
         _fail(row, e)
         return row
@@ -142,7 +145,7 @@ def _finish_row(row: BenchRow, key: RowKey, runtime: Runtime, timing: Timing, gr
 
 
 def _bench_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], references: References,
-               names: tuple[str, str], label: str, workdir: Path) -> BenchRow:
+               names: tuple[str, str], label: str, workdir: Path, accuracy: AccuracyProbe | None) -> BenchRow:
     row, runtime = _open_row(key, config, loaders, names, workdir)
     if runtime is None:
         return row
@@ -163,11 +166,12 @@ def _bench_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], 
         return row
     finally:
         bar.close()
-    return _finish_row(row, key, runtime, timing, graph_only, config, references)
+    return _finish_row(row, key, runtime, timing, graph_only, config, references, accuracy)
 
 
 def _bench_group(keys: Sequence[RowKey], config: BenchConfig, loaders: Mapping[str, Loader],
-                 references: References, names: tuple[str, str], label: str, workdir: Path) -> list[BenchRow]:
+                 references: References, names: tuple[str, str], label: str, workdir: Path,
+                 accuracy: AccuracyProbe | None) -> list[BenchRow]:
     """Rows of one size and batch, loaded together and timed in turns (`interleave`)."""
     opened = [(key, *_open_row(key, config, loaders, names, workdir)) for key in keys]
     calls, graph_only = {}, {}
@@ -197,7 +201,7 @@ def _bench_group(keys: Sequence[RowKey], config: BenchConfig, loaders: Mapping[s
             else:
                 if timing.stages_ns:
                     timing.stages_ns.pop("detections", None)
-                row = _finish_row(row, key, runtime, timing, graph_only[i], config, references)
+                row = _finish_row(row, key, runtime, timing, graph_only[i], config, references, accuracy)
         rows.append(row)
     return rows
 
@@ -244,7 +248,8 @@ def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = No
     cpu, gpus = cpu_info(), (gpu_info() if tier_of(config.device) == "GPU" else [])
     names = (device_name(config.device, cpu, gpus), config.device)
     system = system_fingerprint(config.threads_used, config.command or command_line())
-    result = BenchResult(config, system)
+    accuracy = AccuracyProbe(config) if config.accuracy else None  # a bad dataset stops the run before any row
+    result = BenchResult(config, system, accuracy=None if accuracy is None else accuracy.describe())
     references = References(config)
     keys = [RowKey(s, b, p, n) for s in config.sizes for b in backends for p in config.precisions
             for n in config.batches]
@@ -263,8 +268,9 @@ def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = No
             label = (f"[{done + 1}/{len(keys)}] {first.size} {first.backend} {first.precision} b{first.batch}"
                      if len(step) == 1 else f"[{done + 1}-{done + len(step)}/{len(keys)}] {first.size} b{first.batch}"
                      f" ({len(step)} rows in turns)")
-            rows = ([_bench_row(first, config, loaders, references, names, label, Path(tmp))] if not config.interleave
-                    else _bench_group(step, config, loaders, references, names, label, Path(tmp)))
+            rows = ([_bench_row(first, config, loaders, references, names, label, Path(tmp), accuracy)]
+                    if not config.interleave
+                    else _bench_group(step, config, loaders, references, names, label, Path(tmp), accuracy))
             for row in rows:
                 done += 1
                 result.rows.append(row)

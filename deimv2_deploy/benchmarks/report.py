@@ -29,6 +29,7 @@ CSV_FIELDS = (
     + ("fps", "throughput_ips", "rss_mb", "peak_rss_mb", "load_1m", "speedup_vs_torch", "parity_ok",
        "parity_matched_fraction", "parity_max_box_diff", "parity_max_score_diff")
     + tuple(f"{s}_mean_ms" for s in _STAGES) + tuple(f"{s}_p99_ms" for s in _STAGES)
+    + ("AP", "AP50", "AP75", "accuracy_images", "accuracy_note")
 )
 
 
@@ -109,17 +110,46 @@ def _header(data: dict[str, Any]) -> list[str]:
         f"{_load(system.get('load_average_end'))} on {cpu['usable_cores']} usable cores"
         + _contention(system, cpu["usable_cores"]),
         f"OS: {system['os']}, Python {system['python']}",
+        *_accuracy_header(data),
         f"Command: `{data['command']}`",
         f"Created: {data['created_utc']} (schema_version {data['schema_version']})",
     ]
 
 
+def _accuracy_header(data: dict[str, Any]) -> list[str]:
+    acc = data.get("accuracy")
+    if not acc:
+        return []
+    evaluator = acc.get("evaluator") or {}
+    return [f"Accuracy: COCO bbox AP and AP50 of each row's own runtime on {acc['images']} of {acc['images_total']} "
+            f"images of `{acc['annotations']}` ({acc['categories']} categories; top-300 detections per image, no "
+            f"score threshold, as deimv2-val; {evaluator.get('name', '?')} {evaluator.get('version', '?')}); "
+            "evaluation is not timed"]
+
+
 _COLUMNS = ("tier · device", "size", "backend", "prec", "batch", "status", "calls", "mean ms", "std", "min", "p50",
             "p90", "p99", "max", "FPS", "img/s", "first ms", "load s", "peak RSS MB", "load 1m", "× torch",
             "parity vs torch (matched · max box · max score)", "note")
+_AP_AT = _COLUMNS.index("first ms")  # --accuracy: AP and AP50 go right after the latency figures
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
+def _ap_cell(row: dict[str, Any], key: str) -> str:
+    acc = row.get("accuracy")
+    if not acc or row["status"] != "ok":
+        return "–"
+    if acc.get(key) is None:
+        return "n/a"
+    return f"{acc[key]:.3f}" + (" (random weights)" if acc.get("random_weights") else "")
+
+
+def _accuracy_note(row: dict[str, Any]) -> str | None:
+    acc = row.get("accuracy") or {}
+    if acc.get("error"):
+        return f"no AP: {acc['error']}"
+    return "; ".join(acc.get("notes") or []) or None
+
+
+def _cells(row: dict[str, Any], accuracy: bool = False) -> list[str]:
     lat = row.get("latency_ms") or {}
     ok = row["status"] == "ok"
     notes = [row["reason"]] if row.get("reason") else []
@@ -128,12 +158,15 @@ def _cells(row: dict[str, Any]) -> list[str]:
     if ok and row.get("artifact_reused") is False:
         notes.append(f"exported in {_num(row.get('prepare_s'))} s")
     notes += row.get("notes") or []
+    if accuracy and _accuracy_note(row):
+        notes.append(_accuracy_note(row))
     note = "; ".join(notes)
     return [
         f"{row['tier']} · {row['device_name']}", row["size"], row["backend"], row["precision"], str(row["batch"]),
         row["status"], f"{row['iters']}+{row['warmup']}w" if ok else "–",
         *(_num(lat.get(k)) if ok else "–" for k in STAT_KEYS),
-        _num(row.get("fps")), _num(row.get("throughput_ips")), _num(row.get("first_ms")),
+        _num(row.get("fps")), _num(row.get("throughput_ips")),
+        *((_ap_cell(row, "AP"), _ap_cell(row, "AP50")) if accuracy else ()), _num(row.get("first_ms")),
         _num(row.get("load_s"), 2), _num(row.get("peak_rss_mb"), 0), _num(row.get("load_1m"), 1),
         _num(row.get("speedup_vs_torch"), 2) if row.get("speedup_vs_torch") else "–",
         _parity_cell(row), note.replace("|", "/").replace("\n", " "),
@@ -143,10 +176,12 @@ def _cells(row: dict[str, Any]) -> list[str]:
 def to_markdown(result: BenchResult | dict[str, Any], title: str = "DEIMv2 latency") -> str:
     """The report as markdown: fingerprint, one table row per configuration, and how to read it."""
     data = _data(result)
+    accuracy = bool(data.get("accuracy"))
+    columns = _COLUMNS if not accuracy else (*_COLUMNS[:_AP_AT], "AP", "AP50", *_COLUMNS[_AP_AT:])
     lines = [f"# {title}", ""]
     lines += [f"- {h}" for h in _header(data)]
-    lines += ["", "| " + " | ".join(_COLUMNS) + " |", "|" + "|".join("---" for _ in _COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in data["rows"]]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cells(r, accuracy)) + " |" for r in data["rows"]]
     lines += [
         "",
         "Latency in milliseconds per call (a call processes `batch` images) over every timed call: nothing is "
@@ -155,7 +190,9 @@ def to_markdown(result: BenchResult | dict[str, Any], title: str = "DEIMv2 laten
         "high-water mark so far (earlier rows included). `load 1m`: the system's 1-minute load average when the row "
         "ended; above the core count, other processes competed for the CPU during that row. `× torch` = PyTorch "
         "eager mean / this mean on the same device. Parity: detections matched order-free against PyTorch on the "
-        "same input (fraction matched, largest box and score difference among matched).",
+        "same input (fraction matched, largest box and score difference among matched)."
+        + (" AP: COCO AP@[.50:.95], AP50: AP@.50, of the row's own runtime on the dataset named above (random "
+           "weights say so: their AP measures nothing)." if accuracy else ""),
         "",
     ]
     return "\n".join(lines)
@@ -176,6 +213,11 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     for s in _STAGES:
         out[f"{s}_mean_ms"] = stages.get(s, {}).get("mean")
         out[f"{s}_p99_ms"] = stages.get(s, {}).get("p99")
+    acc = row.get("accuracy") or {}
+    out.update({k: acc.get(k) for k in ("AP", "AP50", "AP75")})
+    out["accuracy_images"] = acc.get("images")
+    notes = (["random weights"] if acc.get("random_weights") else []) + ([_accuracy_note(row)] if acc else [])
+    out["accuracy_note"] = "; ".join(n for n in notes if n) or None
     return out
 
 

@@ -24,6 +24,8 @@ Examples:
   deimv2-bench --mode video --video street.mp4 --sizes n --iters 200
   deimv2-bench --sizes all --backends torch,onnxruntime-official,openvino-official,onnxruntime,openvino \
                --mode predict --interleave --threads 2 --seconds 8 --random-weights
+  deimv2-bench --sizes atto,s --backends torch,onnxruntime,openvino --precision fp32,fp16,int8 \
+               --accuracy --data coco --max-images 500     # AP and AP50 beside every row's latency
 """
 
 
@@ -109,8 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic untrained weights (latency is the same; detections are meaningless)")
     p.add_argument("--checkpoint-dir", help="model store with the official checkpoints; exported artifacts are "
                                             "written and reused here (default: $DEIMV2_MODELS or ./models)")
-    p.add_argument("--calibration", help="folder of images for INT8 calibration (OpenVINO/TensorRT); with "
-                                         "--random-weights, synthetic scenes are used when not given")
+    p.add_argument("--calibration", help="INT8 calibration (OpenVINO/TensorRT): a folder of images or a COCO-format "
+                                         "dataset (its folder or annotation .json); default: the --accuracy dataset's "
+                                         "images, else with --random-weights synthetic scenes")
+    acc = p.add_argument_group("accuracy", "--accuracy: every row also gets COCO AP and AP50 of its own runtime on a "
+                                           "COCO-format dataset (deimv2-val's evaluation, not timed)")
+    acc.add_argument("--accuracy", action="store_true", help="measure AP/AP50 per row (needs the dataset below)")
+    acc.add_argument("--images", help="image folder of the dataset")
+    acc.add_argument("--annotations", help="COCO instances JSON of the dataset")
+    acc.add_argument("--data", metavar="DIR",
+                     help="dataset folder in a standard layout, instead of --images and --annotations "
+                          "(DIR/annotations/instances_<split>.json + DIR/<split>/)")
+    acc.add_argument("--split", default="val", help="split to look for with --data (default val)")
+    acc.add_argument("--max-images", type=_positive_int, metavar="N", help="evaluate the first N images only")
     p.add_argument("--no-parity", action="store_true", help="skip the detection parity check against PyTorch")
     p.add_argument("--output", help="write the results as JSON (schema_version 1; updated after every row)")
     p.add_argument("--markdown", help="write the markdown table to this file")
@@ -135,13 +148,16 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
     if args.video and args.mode != "video":
         raise ValueError("--video is only used with --mode video")
+    dataset = _accuracy_dataset(args)
     config = BenchConfig(
         sizes=parse_sizes(args.sizes), backends=parse_backends(args.backends),
         precisions=tuple(dict.fromkeys(_split(args.precision))), device=args.device, batches=args.batch,
         threads=args.threads, warmup=args.warmup, iters=args.iters, seconds=args.seconds, mode=args.mode,
         video=args.video, random_weights=args.random_weights, checkpoint_dir=args.checkpoint_dir,
         calibration=args.calibration, parity=not args.no_parity, progress=not args.quiet,
-        keep_samples=not args.no_samples, command=command, interleave=args.interleave)
+        keep_samples=not args.no_samples, command=command, interleave=args.interleave,
+        accuracy_images=None if dataset is None else str(dataset.images_dir),
+        accuracy_annotations=None if dataset is None else str(dataset.annotation_file), max_images=args.max_images)
     on_row = (lambda partial: write_json(partial, args.output)) if args.output else None
     result = run_benchmark(config, on_row=on_row)
     text = to_markdown(result, args.title)
@@ -162,6 +178,23 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(f"wrote {path}", file=sys.stderr)
     failed = [r for r in result.rows if r.status == "failed"]
     return 1 if failed else 0
+
+
+def _accuracy_dataset(args: argparse.Namespace):
+    """The --accuracy dataset's paths (None without --accuracy); the dataset flags alone are a mistake."""
+    given = [flag for flag, value in (("--images", args.images), ("--annotations", args.annotations),
+                                      ("--data", args.data), ("--max-images", args.max_images)) if value is not None]
+    if not args.accuracy:
+        if given:
+            raise ValueError(f"{given[0]} gives the dataset of --accuracy: add --accuracy (or leave it out)")
+        return None
+    from deimv2_deploy.data.coco import resolve_dataset
+
+    if args.data is None and args.annotations is None:
+        raise ValueError("--accuracy needs a COCO-format dataset: --images DIR --annotations FILE, or --data DIR")
+    if args.data is not None:
+        return resolve_dataset(args.data, images=args.images, annotations=args.annotations, split=args.split)
+    return resolve_dataset(images=args.images, annotations=args.annotations)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  deimv2-export s --checkpoint deimv2_dinov3_s_coco.pth\n"
                "  deimv2-export s --checkpoint DEIMv2_S_transformers/   (a transformers folder)\n"
                "  deimv2-export s --format hf --checkpoint deimv2_dinov3_s_coco.pth --output-dir DEIMv2_S_hf\n"
-               "  deimv2-export s --format openvino --precision int8 --calibration images/\n",
+               "  deimv2-export s --format openvino --precision int8 --calibration images/\n"
+               "  deimv2-export atto --checkpoint finetuned.pth --class-names cat,dog,bird --category-ids 1,5,9\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("size", choices=[*VARIANT_NAMES, "all"], help="model size, or 'all'")
     src = p.add_mutually_exclusive_group()
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dynamic batch (the default); for TensorRT the profile range, e.g. 1:1:8")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--fp16", action="store_true", help="ONNX with FP16 weights (I/O stays float32/int64)")
-    p.add_argument("--calibration", help="folder of images for INT8 calibration (OpenVINO, TensorRT)")
+    p.add_argument("--calibration", help="INT8 calibration images (OpenVINO, TensorRT): a folder of images, or a "
+                                         "COCO-format dataset (its folder, or its annotation .json)")
     p.add_argument("--calibration-size", type=int, default=300, help="images used for INT8 calibration")
     p.add_argument("--workspace", type=float, default=4.0, help="TensorRT builder workspace, GB")
     p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
@@ -64,10 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", dest="onnx_path", metavar="FILE",
                    help="OpenVINO/TensorRT: start from this ONNX file (made by deimv2-export, or the official "
                         "exporter) instead of exporting the model again")
+    p.add_argument("--class-names", metavar="FILE|a,b,c",
+                   help="the model's class names, in label order: a,b,c, or a file (one per line, a JSON list, or a "
+                        "COCO annotation file: its categories by id give names and ids). Default: those the "
+                        "checkpoint carries (deimv2-train, config.json id2label), COCO's for 80 classes, else class_N")
+    p.add_argument("--category-ids", metavar="FILE|1,5,9",
+                   help="the dataset category id of each class, in label order (what deimv2-val maps labels to)")
     _add_triton_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result (path, spec, parity) as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
+
+
+def _classes(args: argparse.Namespace) -> dict:
+    """class_names/category_ids for the exporters from --class-names/--category-ids (None: the checkpoint's)."""
+    from deimv2_deploy.classes import read_category_ids, read_class_names
+
+    names, ids = read_class_names(args.class_names) if args.class_names else (None, None)
+    if args.category_ids:
+        ids = read_category_ids(args.category_ids)
+    return {"class_names": names, "category_ids": ids}
 
 
 def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +118,8 @@ def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_one(args: argparse.Namespace, size: str):
-    common = dict(checkpoint=args.checkpoint, random_weights=args.random_weights, output_dir=args.output_dir)
+    common = dict(checkpoint=args.checkpoint, random_weights=args.random_weights, output_dir=args.output_dir,
+                  **_classes(args))
     if args.format == "hf":
         from deimv2_deploy.exporters.hf_folder import export_hf_folder, hf_folder_name
 
@@ -119,6 +138,10 @@ def _export_one(args: argparse.Namespace, size: str):
                              "or --format tensorrt")
     if args.format == "onnx" and args.checkpoint and (args.graph != "auto" or _is_transformers(args.checkpoint)):
         from deimv2_deploy.exporters.transformers_graph import export_checkpoint_onnx
+
+        if args.class_names or args.category_ids:
+            raise ValueError("--class-names/--category-ids: a transformers folder carries its classes (config.json "
+                             "id2label); edit them there, or export with --graph official")
 
         return export_checkpoint_onnx(size, args.checkpoint, graph=args.graph, output_dir=args.output_dir,
                                       opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
@@ -170,6 +193,8 @@ def _export_triton(args: argparse.Namespace, size: str):
         if args.dynamic_batch not in (None, "dynamic"):
             options["dynamic_batch"] = args.dynamic_batch
         precision = args.precision
+    if model_path is None:  # exported now: with the model's classes (a given artifact carries its own)
+        options.update({k: v for k, v in _classes(args).items() if v is not None})
     return export_triton(size, backend, model_path=model_path, repository=args.triton_repository,
                          name=args.triton_name, max_batch=args.max_batch, instances=args.triton_instances,
                          kind=args.triton_kind, threads=args.triton_threads, queue_delay_us=args.triton_queue_delay_us,

@@ -18,7 +18,7 @@ import shutil
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,15 +166,25 @@ def write_onnx_with_spec(src: Path, dst: Path, spec: ArtifactSpec) -> None:
     onnx.save(model, str(dst))
 
 
+def _spec_fields(classes: Any, overrides: Mapping[str, Any] | None, explicit: bool) -> dict[str, Any]:
+    """ArtifactSpec fields: a transformers graph's overrides over the checkpoint's classes, unless the caller
+    named the classes itself."""
+    fields = {**classes.spec_fields(), **dict(overrides or {})}
+    return {**fields, **classes.spec_fields()} if explicit else fields
+
+
 def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
                 output_dir: str | os.PathLike | None = None, opset: int = 17, batch: int | None = None,
                 simplify: bool = True, fp16: bool = False, quiet: bool = False, graph: Any = None,
-                weights: str | None = None, spec_overrides: Mapping[str, Any] | None = None) -> ExportResult:
+                weights: str | None = None, spec_overrides: Mapping[str, Any] | None = None,
+                class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> ExportResult:
     """Export DEIMv2-`variant` to ONNX in the model store; fails loudly when FP32 parity is broken.
 
     `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters, the
     transformers-checkpoint exporter) reuse it instead of loading the checkpoint again; `spec_overrides` are
     ArtifactSpec fields of such a graph (class names, input size, `build` entries such as the graph used).
+    `class_names`/`category_ids`: the classes to store (one per class), which win over everything else; by
+    default those the checkpoint carries, COCO-80 for an 80-class model without names, else class_0..
     """
     info = get_variant_info(variant)
     if batch is not None and batch < 1:
@@ -184,9 +194,11 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
     final = store / artifact_name(info.name, precision, random_weights, batch, ".onnx")
     steps = Steps(f"onnx {info.name}", 5, quiet)
 
-    graph, weights = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps)
+    graph, weights, classes = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps,
+                                           class_names, category_ids)
     spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights,
-                                    precision=precision, batch=batch, exporter=EXPORTER, **dict(spec_overrides or {}))
+                                    precision=precision, batch=batch, exporter=EXPORTER,
+                                    **_spec_fields(classes, spec_overrides, explicit=class_names is not None))
     with work_folder("deimv2-export-") as work:
         traced = work / final.name
         steps(f"tracing to ONNX (opset {opset}, batch {'dynamic' if batch is None else batch})")
@@ -231,7 +243,7 @@ def export_official_style_onnx(variant: str, *, checkpoint: str | os.PathLike | 
     """
     info = get_variant_info(variant)
     store = resolve_store(output_dir)
-    graph, _ = deploy_graph(info.name, checkpoint, random_weights, store, graph, None, Steps("official", 1, True))
+    graph, _, _ = deploy_graph(info.name, checkpoint, random_weights, store, graph, None, Steps("official", 1, True))
     final = store / official_style_name(info.name, random_weights)
     with work_folder("deimv2-export-") as work:
         traced = work / final.name

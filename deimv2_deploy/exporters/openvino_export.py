@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from deimv2_deploy.classes import ModelClasses
+from deimv2_deploy.data.calibration import select_calibration_images
 from deimv2_deploy.exporters import ExportResult, artifact_name, resolve_store
 from deimv2_deploy.exporters.common import Steps, deploy_graph, library_versions
 from deimv2_deploy.exporters.parity import ParityError, match_detections, parity_batch, reference_outputs, tolerances
 from deimv2_deploy.files import atomic_write, work_folder
-from deimv2_deploy.media import IMAGE_EXTENSIONS, read_image
+from deimv2_deploy.media import read_image
 from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
 from deimv2_deploy.spec import EXPORTER, METADATA_KEY, ArtifactSpec
@@ -51,25 +53,6 @@ INT8_FLOAT_TYPES = ("ScaledDotProductAttention",)
 
 
 # --- calibration ---------------------------------------------------------------------------------------
-def select_calibration_images(directory: str | os.PathLike, count: int) -> list[Path]:
-    """Up to `count` images from `directory` (sorted, spread evenly over it so the choice is deterministic)."""
-    if count < 1:
-        raise ValueError(f"calibration_size must be at least 1, got {count}")
-    root = Path(directory)
-    if not root.exists():
-        raise FileNotFoundError(f"calibration folder {root} does not exist: pass --calibration DIR, a folder of "
-                                "images like those the model will see")
-    if not root.is_dir():
-        raise NotADirectoryError(f"--calibration must be a folder of images, got the file {root}")
-    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise FileNotFoundError(f"calibration folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}): put "
-                                "a few hundred images like those the model will see there")
-    if len(paths) <= count:
-        return paths
-    return [paths[(i * len(paths)) // count] for i in range(count)]
-
-
 def calibration_inputs(paths: Sequence[Path], spec: ArtifactSpec) -> Iterator[dict[str, np.ndarray]]:
     """Graph inputs of one image each, preprocessed exactly as at inference; images are read lazily."""
     prepare = Preprocessor(spec)
@@ -222,7 +205,8 @@ def _matching_store_onnx(variant: str, weights: str, random_weights: bool, store
     return path if spec is not None and spec.weights == weights and spec.batch is None else None
 
 
-def _store_onnx(variant: str, graph: Any, weights: str, random_weights: bool, store: Path, quiet: bool) -> Path:
+def _store_onnx(variant: str, graph: Any, weights: str, classes: ModelClasses, random_weights: bool, store: Path,
+                quiet: bool) -> Path:
     """Our FP32 ONNX of these weights: the store's if it was made from the same weights, else a fresh export."""
     from deimv2_deploy.exporters.onnx_export import export_onnx
 
@@ -230,7 +214,7 @@ def _store_onnx(variant: str, graph: Any, weights: str, random_weights: bool, st
     if found is not None:
         return found
     return export_onnx(variant, random_weights=random_weights, output_dir=store, quiet=quiet, graph=graph,
-                       weights=weights).path
+                       weights=weights, class_names=classes.names, category_ids=classes.category_ids).path
 
 
 def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | os.PathLike | None = None,
@@ -238,17 +222,20 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
                     calibration: str | os.PathLike | None = None, calibration_size: int = 300,
                     onnx_path: str | os.PathLike | None = None, source: str = "auto", quiet: bool = False,
                     float_patterns: Sequence[str] = INT8_FLOAT_PATTERNS, graph: Any = None,
-                    weights: str | None = None) -> ExportResult:
+                    weights: str | None = None, class_names: Sequence[str] | None = None,
+                    category_ids: Sequence[int] | None = None) -> ExportResult:
     """Export DEIMv2-`variant` to OpenVINO IR `<store>/deimv2_<size>[_random]_<precision>.xml` (+ .bin).
 
     precision: "fp32" (fails loudly unless boxes are within 1e-2 px and scores within 1e-5 of PyTorch for at
-    least 98% of detections), "fp16" (FP16 weights) or "int8" (needs `calibration`, a folder of images; uses up
-    to `calibration_size` of them). FP16/INT8 parity, and INT8's drift against the FP32 graph, are reported in
-    the result and the spec, not enforced. source: "onnx", "torch" or "auto". `onnx_path`: convert this
-    ONNX file instead of the store's (implies source "onnx"). source "auto": the store's ONNX of these weights
-    when it exists, else the PyTorch module (same graph and speed; see the module docstring).
+    least 98% of detections), "fp16" (FP16 weights) or "int8" (needs `calibration`: a folder of images or a
+    COCO-format dataset, see `select_calibration_images`; uses up to `calibration_size` of its images). FP16/INT8
+    parity, and INT8's drift against the FP32 graph, are reported in the result and the spec, not enforced.
+    source: "onnx", "torch" or "auto". `onnx_path`: convert this ONNX file instead of the store's (implies source
+    "onnx"). source "auto": the store's ONNX of these weights when it exists, else the PyTorch module (same graph
+    and speed; see the module docstring).
     `float_patterns`: node-name regexes kept in floating point under INT8. `graph`/`weights`: an already loaded
-    DeployGraph and its weights description (benchmarks, tests).
+    DeployGraph and its weights description (benchmarks, tests). `class_names`/`category_ids`: the classes to store
+    (one per class); by default the checkpoint's, COCO-80 for an 80-class model without names, else class_0..
     """
     import openvino as ov
 
@@ -267,7 +254,8 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
     if precision == "int8":
         if calibration is None:
             raise ValueError("INT8 needs calibration images: pass --calibration DIR, a folder of a few hundred "
-                             "images like those the model will see (they are only read, never stored)")
+                             "images like those the model will see or a COCO-format dataset (they are only read, "
+                             "never stored)")
         calibration_paths = select_calibration_images(calibration, calibration_size)
     elif calibration is not None:
         raise ValueError(f"--calibration is for --precision int8, not {precision}")
@@ -275,15 +263,16 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
     final = store / artifact_name(info.name, precision, random_weights, None, ".xml")
     steps = Steps(f"openvino {info.name} {precision}", 5 if precision == "int8" else 4, quiet)
 
-    graph, weights = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps)
+    graph, weights, classes = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps,
+                                           class_names, category_ids)
     spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights, precision=precision,
-                                    exporter=EXPORTER)
+                                    exporter=EXPORTER, **classes.spec_fields())
     route = source
     if source == "auto":
         route = "onnx" if _matching_store_onnx(info.name, weights, random_weights, store) is not None else "torch"
 
     if route == "onnx":
-        onnx_file = Path(onnx_path) if onnx_path is not None else _store_onnx(info.name, graph, weights,
+        onnx_file = Path(onnx_path) if onnx_path is not None else _store_onnx(info.name, graph, weights, classes,
                                                                               random_weights, store, quiet)
         steps(f"converting {onnx_file.name} with OpenVINO")
         ov_model = convert_from_onnx(onnx_file)

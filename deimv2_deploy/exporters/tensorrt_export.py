@@ -30,9 +30,18 @@ from typing import Any
 
 import numpy as np
 
-from deimv2_deploy.exporters.common import EXPORTER, ExportResult, Steps, artifact_name, library_versions, resolve_store
+from deimv2_deploy.data.calibration import select_calibration_images
+from deimv2_deploy.exporters.common import (
+    EXPORTER,
+    ExportResult,
+    Steps,
+    artifact_name,
+    library_versions,
+    resolve_store,
+    spec_with_classes,
+)
 from deimv2_deploy.files import AtomicWrite, file_sha256, write_bytes
-from deimv2_deploy.media import expand_image_paths, read_image
+from deimv2_deploy.media import read_image
 from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes.base import INPUT_NAMES
 from deimv2_deploy.spec import ArtifactSpec, resolve_spec
@@ -175,19 +184,6 @@ def check_tensorrt_version(version: str, precision: str, force: bool = False) ->
 
 
 # --- calibration ------------------------------------------------------------------------------------------
-def select_calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int) -> list[Path]:
-    """Up to `count` image files from a folder / file / list, spread evenly over the sorted list (deterministic)."""
-    if count < 1:
-        raise ValueError(f"calibration_size must be at least 1, got {count}")
-    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    paths = sorted(set(expand_image_paths(items)))
-    if not paths:
-        raise FileNotFoundError(f"no calibration images found in {source}")
-    if len(paths) <= count:
-        return paths
-    return [paths[(i * len(paths)) // count] for i in range(count)]
-
-
 def calibration_batch_size(profile: BatchProfile) -> int:
     """Calibration batch: up to MAX_CALIBRATION_BATCH images, inside the engine's batch range."""
     return max(profile.min, min(profile.max, MAX_CALIBRATION_BATCH))
@@ -388,15 +384,18 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
                     dynamic_batch: str | Sequence[int] | BatchProfile | None = None, workspace_gb: float = 4.0,
                     timing_cache: str | os.PathLike | None = None, fp32_attention: bool = False, force: bool = False,
                     onnx_path: str | os.PathLike | None = None, device: str = "cuda", check_parity: bool = True,
-                    verbose: bool = False, quiet: bool = False) -> ExportResult:
+                    verbose: bool = False, quiet: bool = False, class_names: Sequence[str] | None = None,
+                    category_ids: Sequence[int] | None = None) -> ExportResult:
     """Build a TensorRT engine of DEIMv2-`variant` in the model store, with its sidecar `<name>.engine.json`.
 
     The ONNX comes from `onnx_path`, or is exported first (`checkpoint` / `random_weights`). `batch` fixes the
     batch; `dynamic_batch` ("MIN:OPT:MAX" or a 3-tuple) sets the profile range (default 1:1:8). INT8 needs
-    `calibration` (a folder or list of representative images; `calibration_size` of them are used).
+    `calibration` (a folder or list of representative images, or a COCO-format dataset; `calibration_size` of them
+    are used).
     `fp32_attention` keeps the ViT attention MatMul/Softmax layers (s/m/l/x) in FP32 in FP16/INT8 engines.
     An FP32 engine that disagrees with ONNX Runtime raises ParityError and nothing is written; FP16/INT8
-    parity is recorded in the sidecar.
+    parity is recorded in the sidecar. `class_names`/`category_ids`: the classes to store (one per class); by
+    default those of the ONNX (or of the checkpoint it is exported from).
     """
     from deimv2_deploy.exporters.onnx_export import export_onnx
     from deimv2_deploy.exporters.parity import ParityError
@@ -438,7 +437,8 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
     if onnx_path is None:
         steps("exporting the ONNX to build from")
         result = export_onnx(info.name, checkpoint=checkpoint, random_weights=random_weights, output_dir=store,
-                             batch=profile.min if profile.fixed else None, quiet=quiet)
+                             batch=profile.min if profile.fixed else None, quiet=quiet, class_names=class_names,
+                             category_ids=category_ids)
         onnx_file, onnx_spec, has_metadata = result.path, result.spec, True
     else:
         onnx_file = Path(onnx_path)
@@ -446,6 +446,7 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
             raise FileNotFoundError(f"ONNX file not found: {onnx_file}")
         steps(f"using {onnx_file}")
         onnx_spec, has_metadata = _onnx_spec(onnx_file, info.name)
+        onnx_spec = spec_with_classes(onnx_spec, has_metadata, class_names, category_ids, onnx_file.name)
     onnx_digest = file_sha256(onnx_file)
 
     final = store / artifact_name(info.name, precision, onnx_spec.random_weights, None, ".engine")

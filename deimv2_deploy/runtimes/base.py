@@ -147,14 +147,19 @@ class Runtime(abc.ABC):
 
     def detections_from_outputs(self, outputs: Mapping[str, np.ndarray], batch: PreparedBatch,
                                 score_threshold: float = 0.0) -> list[Detections]:
+        names = self.spec.class_names
+        if outputs["labels"].size and int(outputs["labels"].max()) >= len(names):
+            raise ValueError(f"the model predicted label {int(outputs['labels'].max())} but its metadata names only "
+                             f"{len(names)} classes ({', '.join(names[:3])}, ...): an artifact of a custom-class model "
+                             "without deimv2 metadata? Export it with deimv2-export --class-names FILE|a,b,c")
         results = []
         for i, transform in enumerate(batch.transforms):
             scores = outputs["scores"][i]
             keep = np.flatnonzero(scores >= score_threshold)
             keep = keep[np.argsort(-scores[keep], kind="stable")]
             boxes = transform.boxes_to_original(outputs["boxes"][i][keep], clip=getattr(self, "clip_boxes", True))
-            results.append(Detections(boxes, scores[keep], outputs["labels"][i][keep], self.spec.class_names,
-                                      transform.orig_size))
+            results.append(Detections(boxes, scores[keep], outputs["labels"][i][keep], names, transform.orig_size,
+                                      self.spec.category_ids))
         return results
 
     def predict(self, images: np.ndarray | Sequence[np.ndarray], score_threshold: float = 0.0,

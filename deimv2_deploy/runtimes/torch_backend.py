@@ -54,12 +54,19 @@ class TorchRuntime(Runtime):
             else:
                 from deimv2_deploy.models.reference import load_reference
 
-                model, weights = load_reference(variant or _variant_of(path), checkpoint=path)
-                graph = DeployGraph(model)
-                spec = ArtifactSpec.for_variant(model_variant(model, variant, path), weights=weights,
-                                                exporter=f"{EXPORTER} (PyTorch eager)")
+                ref = load_reference(variant or _variant_of(path), checkpoint=path)
+                graph = DeployGraph(ref.model)
+                spec = ArtifactSpec.for_variant(model_variant(ref.model, variant, path), weights=ref.weights,
+                                                exporter=f"{EXPORTER} (PyTorch eager)", **ref.classes.spec_fields())
         elif spec is None:
             raise ValueError("graph= needs spec= (the variant's ArtifactSpec)")
+        else:
+            from deimv2_deploy.models.reference import model_num_classes
+
+            k = model_num_classes(graph)
+            if k is not None and k != len(spec.class_names):
+                raise ValueError(f"the graph predicts {k} classes but spec names {len(spec.class_names)} "
+                                 f"({', '.join(spec.class_names[:3])}, ...): give one class name per class")
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"torch backend precision must be fp32 or fp16, got {precision!r}")
         device = str(device).lower()
@@ -87,10 +94,10 @@ class TorchRuntime(Runtime):
         from deimv2_deploy.models.graph import DeployGraph
         from deimv2_deploy.models.reference import load_reference
 
-        model, weights = load_reference(variant, checkpoint, random_weights, store)
-        spec = ArtifactSpec.for_variant(variant, weights=weights, random_weights=random_weights,
-                                        exporter=f"{EXPORTER} (PyTorch eager)")
-        return cls(graph=DeployGraph(model), spec=spec, **options)
+        ref = load_reference(variant, checkpoint, random_weights, store)
+        spec = ArtifactSpec.for_variant(variant, weights=ref.weights, random_weights=random_weights,
+                                        exporter=f"{EXPORTER} (PyTorch eager)", **ref.classes.spec_fields())
+        return cls(graph=DeployGraph(ref.model), spec=spec, **options)
 
     @classmethod
     def import_library(cls):

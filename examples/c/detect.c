@@ -1,6 +1,7 @@
 /*
  * detect.c: run a DEIMv2 artifact on one image from C (through libdeimv2.so) and print the
- * detections as JSON, in the layout of `deimv2-infer --json` / Detections.to_dict().
+ * detections as JSON, in the layout of `deimv2-infer --json` / Detections.to_dict(), after the
+ * artifact's class names (deimv2_num_classes, deimv2_class_name: COCO's 80, or a custom model's own).
  *
  *   detect [--backend NAME] [--device NAME] [--threshold T] ARTIFACT IMAGE.ppm
  *   detect [...] --raw WIDTH HEIGHT ARTIFACT IMAGE.bgr      (headerless B,G,R bytes, rows packed)
@@ -166,7 +167,13 @@ int main(int argc, char **argv) {
         const char *why = status < 0 ? "out of memory" : deimv2_last_error();
         fprintf(stderr, "detect: %s: %s\n", status < 0 ? "error" : deimv2_status_name(status), why);
     } else {
-        printf("{\"image_size\": [%d, %d], \"detections\": [", image.height, image.width);
+        printf("{\"image_size\": [%d, %d], \"classes\": [", image.height, image.width);
+        int classes = deimv2_num_classes(detector); /* the artifact's own classes: 80 for COCO, K for a custom model */
+        for (int c = 0; c < classes; c++) {
+            printf("%s", c ? ", " : "");
+            print_json_string(deimv2_class_name(detector, c));
+        }
+        printf("], \"detections\": [");
         for (int k = 0; k < count; k++) {
             const deimv2_detection *d = &detections[k];
             /* %.9g prints a float exactly (it reads back as the same float) */
