@@ -141,7 +141,7 @@ def _export_one(args: argparse.Namespace, size: str):
 
         if args.class_names or args.category_ids:
             raise ValueError("--class-names/--category-ids: a transformers folder carries its classes (config.json "
-                             "id2label); edit them there, or export with --graph official")
+                             "id2label): edit them there")
 
         return export_checkpoint_onnx(size, args.checkpoint, graph=args.graph, output_dir=args.output_dir,
                                       opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
