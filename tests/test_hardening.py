@@ -520,7 +520,7 @@ LAYERS = {  # package part -> the parts it may import (besides itself)
     "data": {"core"},
     "models": {"core"},
     "runtimes": {"core", "models"},
-    "exporters": {"core", "models", "runtimes"},
+    "exporters": {"core", "data", "models", "runtimes"},  # data: INT8 calibration on a COCO-format dataset
     "evaluation": {"core", "data", "models", "runtimes"},
     "training": {"core", "data", "models", "runtimes", "evaluation"},  # validates through a runtime
     "top": {"core", "data", "models", "training", "runtimes", "exporters", "evaluation", "top"},
