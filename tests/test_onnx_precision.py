@@ -163,7 +163,7 @@ def test_export_onnx_fp16_carries_metadata_and_drift(tmp_path):
         assert runtime.spec.build["precision"]["fp32_blocks"] == list(FP16_KEEP)
         vs = runtime.spec.parity["vs_fp32_onnx"]
         assert vs["ok"] and 0.9 < vs["summary"]["mean_iou"] <= 1.0
-        assert "onnxconverter-common" in runtime.spec.versions
+        assert "onnxconverter_common" in runtime.spec.versions
 
 
 @pytest.mark.slow

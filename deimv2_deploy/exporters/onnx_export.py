@@ -248,7 +248,7 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
 # images of the calibration set an INT8 export also measures its drift on (beside the fixed parity scenes)
 PRECISION_DRIFT_IMAGES = 4
 _LIBRARIES = {"fp32": ("torch", "onnx", "onnxsim", "onnxruntime"),
-              "fp16": ("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common"),
+              "fp16": ("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter_common"),
               "int8": ("torch", "onnx", "onnxsim", "onnxruntime")}
 
 
