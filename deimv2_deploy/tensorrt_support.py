@@ -19,7 +19,7 @@ __all__ = ["MIN_TENSORRT", "FP16_SAFE_TENSORRT", "INSTALL_HINT", "SIDECAR_SUFFIX
 
 MIN_TENSORRT = (10, 0)  # name-based tensor API with INT64 I/O (labels, orig_target_sizes)
 FP16_SAFE_TENSORRT = (10, 6)  # earlier 10.x builds wrong FP16 DEIMv2 engines (DEIMv2 issues #53, #112)
-INSTALL_HINT = ("pip install 'tensorrt>=10.6,<11' pycuda (or: pip install 'deimv2-deploy[tensorrt]'). Both need "
+INSTALL_HINT = ("pip install 'tensorrt>=10.6,<12' pycuda (or: pip install 'deimv2-deploy[tensorrt]'). Both need "
                 "an NVIDIA GPU with its driver and CUDA; pycuda builds against the CUDA toolkit (nvcc, cuda.h)")
 SIDECAR_SUFFIX = ".json"
 

@@ -1,7 +1,7 @@
 """TensorRT export and runtime.
 
 Everything that needs neither TensorRT nor a GPU runs everywhere: batch profiles and MIN:OPT:MAX parsing, version
-refusals, calibration batching with the real preprocessing, attention-layer selection, sidecar I/O, input checks
+refusals, the precision an ONNX carries, strongly typed network flags, sidecar I/O, input checks
 against a profile, dtype handling, and the errors on machines without TensorRT. Building and running an engine
 needs TensorRT + pycuda + an NVIDIA GPU; those tests skip with the reason where that is missing.
 """
@@ -16,27 +16,22 @@ import numpy as np
 import pytest
 
 from deimv2_deploy.exporters.tensorrt_export import (
-    ATTENTION_NAME_PATTERN,
     DEFAULT_DYNAMIC_BATCH,
+    PRECISIONS,
     BatchProfile,
-    CalibrationBatches,
     TensorRtVersionError,
     build_settings,
-    calibration_batch_size,
-    calibration_fingerprint,
     check_tensorrt_version,
     engine_spec,
     export_tensorrt,
+    network_flags,
+    onnx_precision_of,
     parity_tolerances,
     parse_batch_range,
     parse_dynamic_batch,
     profile_shapes,
     resolve_batch_profile,
-    select_calibration_images,
-    select_fp32_layers,
 )
-from deimv2_deploy.media import read_image
-from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes import BackendUnavailableError, available_backends, load_runtime
 from deimv2_deploy.runtimes.tensorrt_backend import (
     TensorRtRuntime,
@@ -122,16 +117,14 @@ def test_fp16_refused_before_10_6_naming_the_bug():
     assert check_tensorrt_version("10.6.0", "fp16") == []
     assert check_tensorrt_version("10.13.3.9", "fp16") == []
     assert check_tensorrt_version("10.4.0", "fp32") == []  # the bug is FP16-only
-    assert check_tensorrt_version("10.4.0", "int8") == []  # INT8 engines are built without the FP16 flag
+    assert check_tensorrt_version("10.4.0", "int8") == []  # an INT8 Q/DQ ONNX has no FP16 tensors
 
 
-def test_tensorrt_too_old_or_without_weak_typing_is_refused():
+def test_tensorrt_too_old_is_refused_and_11_builds_every_precision():
     with pytest.raises(TensorRtVersionError, match="too old"):
         check_tensorrt_version("8.6.1", "fp32")
-    for precision in ("fp16", "int8"):
-        with pytest.raises(TensorRtVersionError, match="<11"):
-            check_tensorrt_version("11.4.0.106", precision, force=True)  # force cannot bring removed flags back
-    assert check_tensorrt_version("11.4.0.106", "fp32") == []
+    for precision in PRECISIONS:  # strongly typed: TensorRT 11 needs none of the flags it removed
+        assert check_tensorrt_version("11.4.0.106", precision) == []
     with pytest.raises(ValueError, match="precision"):
         check_tensorrt_version("10.6.0", "bf16")
 
@@ -147,96 +140,67 @@ def calibration_folder(tmp_path):
     return tmp_path
 
 
-def test_select_calibration_images_is_deterministic_and_spread(calibration_folder):
-    every = select_calibration_images(calibration_folder, 300)
-    assert [p.name for p in every] == [f"img_{i}.png" for i in range(5)]
-    three = select_calibration_images(calibration_folder, 3)
-    assert [p.name for p in three] == ["img_0.png", "img_1.png", "img_3.png"]  # spread, not the first three
-    assert select_calibration_images([calibration_folder / "img_4.png"], 3) == [calibration_folder / "img_4.png"]
-    with pytest.raises(ValueError, match="calibration_size"):
-        select_calibration_images(calibration_folder, 0)
-    with pytest.raises(FileNotFoundError):
-        select_calibration_images(calibration_folder / "missing", 3)
+# --- strongly typed: the precision is the ONNX's ---------------------------------------------------------------
+def _tiny_onnx(kind: str):
+    """A one-Conv ONNX model in FP32, FP16 (FP16 weights, Casts at the borders) or INT8 (Q/DQ)."""
+    from onnx import TensorProto, helper, numpy_helper
 
-
-@pytest.mark.parametrize("variant", ["atto", "s"])  # without and with ImageNet normalisation
-def test_calibration_batches_are_preprocessed_as_at_inference(calibration_folder, variant):
-    spec = ArtifactSpec.for_variant(variant)
-    paths = select_calibration_images(calibration_folder, 300)
-    batches = CalibrationBatches(paths, spec, batch_size=2)
-    assert (len(batches), batches.used, batches.dropped) == (2, 4, 1)  # the partial last batch is dropped
-    got = list(batches)
-    assert len(got) == 2
-    h, w = spec.input_size
-    for k, inputs in enumerate(got):
-        assert inputs["images"].shape == (2, 3, h, w) and inputs["images"].dtype == np.float32
-        assert inputs["orig_target_sizes"].dtype == np.int64
-        expected = Preprocessor(spec)([read_image(p) for p in paths[2 * k:2 * k + 2]])
-        np.testing.assert_array_equal(inputs["images"], expected.images)
-        np.testing.assert_array_equal(inputs["orig_target_sizes"], expected.orig_target_sizes)
-    # (width, height) of the original files
-    assert got[0]["orig_target_sizes"].tolist() == [[320, 240], [640, 480]]
-    if spec.mean is not None:
-        assert got[0]["images"].min() < 0  # normalised
+    dtype = np.float16 if kind == "fp16" else np.float32
+    weight = numpy_helper.from_array(np.ones((1, 1, 1, 1), dtype), "w")
+    x, y = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2]), \
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2])
+    if kind == "fp16":
+        nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+                 helper.make_node("Conv", ["x16", "w"], ["y16"]), helper.make_node("Cast", ["y16"], ["y"], to=1)]
+        inits = [weight]
+    elif kind == "int8":
+        scale, zero = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.int8(0), "z")
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]), helper.make_node("Conv", ["dq", "w"],
+                                                                                                 ["y"])]
+        inits = [weight, scale, zero]
     else:
-        assert 0.0 <= got[0]["images"].min() and got[0]["images"].max() <= 1.0
-    again = list(batches)  # iterating again starts over
-    np.testing.assert_array_equal(again[1]["images"], got[1]["images"])
-    info = batches.describe()
-    assert info["dropped_last_partial_batch"] == 1 and info["batch_size"] == 2
+        nodes, inits = [helper.make_node("Conv", ["x", "w"], ["y"])], [weight]
+    return helper.make_model(helper.make_graph(nodes, "tiny", [x], [y], inits))
 
 
-def test_calibration_needs_a_full_batch(calibration_folder):
-    paths = select_calibration_images(calibration_folder, 300)
-    with pytest.raises(ValueError, match="at least 8 images"):
-        CalibrationBatches(paths, ArtifactSpec.for_variant("atto"), batch_size=8)
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "int8"])
+def test_the_engine_precision_is_read_from_the_onnx(kind):
+    assert onnx_precision_of(_tiny_onnx(kind)) == kind
 
 
-def test_calibration_batch_size_stays_inside_the_profile():
-    assert calibration_batch_size(BatchProfile(1, 1, 8)) == 8
-    assert calibration_batch_size(BatchProfile(1, 1, 4)) == 4
-    assert calibration_batch_size(BatchProfile(1, 2, 32)) == 8
-    assert calibration_batch_size(BatchProfile(16, 16, 16)) == 16
+def test_networks_are_created_strongly_typed_on_10_and_11():
+    from types import SimpleNamespace
+
+    trt10 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1))
+    assert network_flags(trt10) == 1 << 1
+    trt11 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace())  # every network strongly typed
+    assert network_flags(trt11) == 0
 
 
-def test_calibration_fingerprint_tracks_images_and_preprocessing(calibration_folder):
-    paths = select_calibration_images(calibration_folder, 300)
-    atto = ArtifactSpec.for_variant("atto")
-    base = calibration_fingerprint(paths, atto, 2, "abc")
-    assert base == calibration_fingerprint(paths, atto, 2, "abc")
-    assert base != calibration_fingerprint(paths[:-1], atto, 2, "abc")
-    assert base != calibration_fingerprint(paths, atto.with_(resize="letterbox"), 2, "abc")
-    assert base != calibration_fingerprint(paths, atto, 2, "other onnx")
-    assert base != calibration_fingerprint(paths, atto, 4, "abc")
+def test_no_api_that_tensorrt_11_removed_is_used():
+    """TensorRT 11 removed the weakly typed precision API; none of it may come back into the package."""
+    import re
+    from pathlib import Path
 
+    import deimv2_deploy
 
-# --- FP32 attention layers ---------------------------------------------------------------------------------
-def test_attention_layer_selection_on_a_synthetic_layer_list():
-    layers = [
-        ("/model/backbone/dinov3/patch_embed/proj/Conv", "CONVOLUTION"),
-        ("/model/backbone/dinov3/blocks.0/attn/Mul_8", "ELEMENTWISE"),
-        ("/model/backbone/dinov3/blocks.0/attn/MatMul", "MATRIX_MULTIPLY"),  # Q.K^T
-        ("/model/backbone/dinov3/blocks.0/attn/Softmax", "SOFTMAX"),
-        ("/model/backbone/dinov3/blocks.0/attn/MatMul_1", "LayerType.MATRIX_MULTIPLY"),  # str(trt.LayerType.X)
-        ("/model/backbone/dinov3/blocks.0/attn/proj/MatMul", "MATRIX_MULTIPLY"),  # the projection stays FP16
-        ("/model/backbone/dinov3/blocks.0/mlp/fc1/MatMul", "MATRIX_MULTIPLY"),
-        ("/model/backbone/dinov3/_model/blocks.11/attn/Softmax", "SOFTMAX"),
-        ("/model/encoder/encoder.0/layers.0/self_attn/Softmax", "SOFTMAX"),
-        ("/model/decoder/decoder/layers.0/self_attn/MatMul", "MATRIX_MULTIPLY"),
-        ("/model/decoder/decoder/layers.0/cross_attn/Softmax", "SOFTMAX"),
-    ]
-    assert select_fp32_layers(layers) == [2, 3, 4, 7]
-    assert select_fp32_layers(layers, types=["SOFTMAX"]) == [3, 7]
-    assert select_fp32_layers(layers, pattern=r"blocks\.0/") == [2, 3, 4, 5, 6]
-    assert select_fp32_layers([]) == []
-    assert ATTENTION_NAME_PATTERN.startswith("(^|/)backbone/")
+    removed = re.compile(r"BuilderFlag\.(FP16|BF16|INT8|FP8|OBEY_PRECISION_CONSTRAINTS|PREFER_PRECISION_CONSTRAINTS)"
+                         r"|IInt8\w*Calibrator\w*|int8_calibrator|set_calibration_profile|platform_has_fast_"
+                         r"|device_memory_size(?!_v2)\b")
+    root = Path(deimv2_deploy.__file__).parent
+    found = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") for i, line in
+             enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if removed.search(line) and not line.lstrip().startswith(("#", "`"))
+             and "removed" not in line]
+    assert found == []
 
 
 # --- sidecar and spec --------------------------------------------------------------------------------------
 def _settings(**overrides):
     base = dict(precision="fp16", profile=BatchProfile(1, 2, 8), workspace_gb=4.0, tensorrt="10.6.0",
                 device="NVIDIA T4", compute_capability=(7, 5), fp32_attention=True,
-                fp32_layers=["/model/backbone/dinov3/blocks.0/attn/MatMul"], onnx={"file": "x.onnx", "sha256": "ab"})
+                onnx={"file": "x.onnx", "sha256": "ab", "precision": "fp16", "build": {"fp32_blocks": ["lqe"]}})
     base.update(overrides)
     return build_settings(**base)
 
@@ -246,7 +210,7 @@ def test_build_settings_are_json_and_complete():
     assert json.loads(json.dumps(build)) == build
     assert build["batch_profile"] == {"min": 1, "opt": 2, "max": 8}
     assert build["compute_capability"] == "7.5" and build["tensorrt"] == "10.6.0" and build["fp32_attention"] is True
-    assert build["calibration"] is None and build["forced"] is False
+    assert build["network"].startswith("strongly typed") and build["forced"] is False and build["tf32"] is False
 
 
 def test_sidecar_round_trip(tmp_path):
@@ -266,7 +230,7 @@ def test_sidecar_round_trip(tmp_path):
     assert stat.S_IMODE(sidecar_path(engine).stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     back = read_sidecar(engine)
     assert back == spec
-    assert back.build["fp32_layers"] == ["/model/backbone/dinov3/blocks.0/attn/MatMul"]
+    assert back.build["onnx"]["build"] == {"fp32_blocks": ["lqe"]}
     fixed = engine_spec(onnx_spec, "fp32", BatchProfile(4, 4, 4), _settings(precision="fp32"), None, {})
     assert fixed.batch == 4
 
@@ -355,6 +319,10 @@ def test_load_runtime_of_an_engine_raises_with_an_install_hint(tmp_path, suffix)
 def test_export_checks_options_then_names_the_missing_library(tmp_path, calibration_folder):
     with pytest.raises(ValueError, match="calibration images"):
         export_tensorrt("atto", precision="int8", random_weights=True, output_dir=tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        export_tensorrt("atto", precision="int8", calibration=empty, random_weights=True, output_dir=tmp_path)
     with pytest.raises(ValueError, match="HGNetv2"):
         export_tensorrt("atto", precision="fp16", fp32_attention=True, random_weights=True, output_dir=tmp_path)
     with pytest.raises(ValueError, match="only matters"):

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  deimv2-export s --checkpoint deimv2_dinov3_s_coco.pth\n"
                "  deimv2-export s --checkpoint DEIMv2_S_transformers/   (a transformers folder)\n"
                "  deimv2-export s --format hf --checkpoint deimv2_dinov3_s_coco.pth --output-dir DEIMv2_S_hf\n"
+               "  deimv2-export s --format onnx --precision fp16\n"
+               "  deimv2-export s --format onnx --precision int8 --calibration coco/  (Q/DQ, for TensorRT)\n"
                "  deimv2-export s --format openvino --precision int8 --calibration images/\n"
                "  deimv2-export atto --checkpoint finetuned.pth --class-names cat,dog,bird --category-ids 1,5,9\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a transformers checkpoint: the official DEIMv2 graph, or transformers' own (ONNX only); "
                         "auto: transformers' only when the folder was fine-tuned inside transformers "
                         "(docs/transformers.md)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
-                   help="OpenVINO/TensorRT precision (ONNX: use --fp16)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="ONNX: fp16 (FP16 compute, sensitive blocks FP32) or int8 (explicit symmetric Q/DQ, what "
+                        "TensorRT 11 builds from); OpenVINO/TensorRT: the artifact's precision (TensorRT: that of "
+                        "the ONNX it is built from). Default fp32, or that of the --onnx file for TensorRT")
     p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
     p.add_argument("--opset", type=int, default=17)
     batch = p.add_mutually_exclusive_group()
@@ -47,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--dynamic-batch", nargs="?", const="dynamic", metavar="MIN:OPT:MAX",
                        help="dynamic batch (the default); for TensorRT the profile range, e.g. 1:1:8")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
-    p.add_argument("--fp16", action="store_true", help="ONNX with FP16 weights (I/O stays float32/int64)")
-    p.add_argument("--calibration", help="INT8 calibration images (OpenVINO, TensorRT): a folder of images, or a "
-                                         "COCO-format dataset (its folder, or its annotation .json)")
+    p.add_argument("--fp16", action="store_true", help="the same as --precision fp16 (ONNX)")
+    p.add_argument("--calibration", help="INT8 calibration images (OpenVINO, TensorRT, ONNX Q/DQ): a folder of "
+                                         "images, or a COCO-format dataset (its folder, or its annotation .json)")
+    p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                   help="ONNX INT8: how activation ranges are taken from the calibration images")
     p.add_argument("--calibration-size", type=int, default=300, help="images used for INT8 calibration")
     p.add_argument("--workspace", type=float, default=4.0, help="TensorRT builder workspace, GB")
     p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
-    p.add_argument("--fp32-attention", action="store_true", help="TensorRT FP16: keep ViT attention in FP32")
+    p.add_argument("--fp32-attention", action="store_true",
+                   help="TensorRT FP16/INT8: keep the ViT attention in FP32 in the ONNX the engine is built from")
     p.add_argument("--force", action="store_true", help="TensorRT: build FP16 even on TensorRT < 10.6")
     p.add_argument("--device", default="cuda", help="TensorRT: the GPU to build on (cuda or cuda:N)")
     p.add_argument("--no-parity", action="store_true",
@@ -128,11 +135,13 @@ def _export_one(args: argparse.Namespace, size: str):
             folder = f"{folder}/{hf_folder_name(size, args.random_weights)}"
         return export_hf_folder(size, checkpoint=args.checkpoint, random_weights=args.random_weights, folder=folder,
                                 quiet=args.quiet)
+    precision = "fp16" if args.fp16 else args.precision
     if args.format == "onnx":  # both ONNX paths below
-        if args.precision != "fp32" and not args.fp16:
-            raise ValueError("for ONNX use --fp16 (INT8 is available for --format openvino / tensorrt)")
-        if args.calibration is not None:
-            raise ValueError("--calibration is for INT8 exports: add --format openvino (or tensorrt) --precision int8")
+        if args.fp16 and args.precision not in (None, "fp16"):
+            raise ValueError(f"--fp16 contradicts --precision {args.precision}: pass --precision only")
+        precision = precision or "fp32"
+        if args.calibration is not None and precision != "int8":
+            raise ValueError("--calibration is for INT8 exports: add --precision int8")
         if args.onnx_path is not None:
             raise ValueError("--onnx starts an OpenVINO or TensorRT export from an ONNX file: add --format openvino "
                              "or --format tensorrt")
@@ -142,10 +151,13 @@ def _export_one(args: argparse.Namespace, size: str):
         if args.class_names or args.category_ids:
             raise ValueError("--class-names/--category-ids: a transformers folder carries its classes (config.json "
                              "id2label): edit them there")
+        if precision == "int8":
+            raise ValueError("--precision int8 is not available for a transformers folder yet: export it at fp32, "
+                             "or convert it with --format hf's counterpart (a .pth) first")
 
         return export_checkpoint_onnx(size, args.checkpoint, graph=args.graph, output_dir=args.output_dir,
                                       opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
-                                      fp16=args.fp16, quiet=args.quiet)
+                                      fp16=precision == "fp16", quiet=args.quiet)
     if args.graph == "transformers":
         raise ValueError("--graph transformers needs --format onnx and --checkpoint (a transformers folder); build "
                          "OpenVINO/TensorRT from that ONNX file")
@@ -153,11 +165,12 @@ def _export_one(args: argparse.Namespace, size: str):
         from deimv2_deploy.exporters.onnx_export import export_onnx
 
         return export_onnx(size, opset=args.opset, batch=args.batch, simplify=not args.no_simplify,
-                           fp16=args.fp16, quiet=args.quiet, **common)
+                           precision=precision, calibration=args.calibration, calibration_size=args.calibration_size,
+                           calibration_method=args.calibration_method, quiet=args.quiet, **common)
     if args.format == "openvino":
         from deimv2_deploy.exporters.openvino_export import export_openvino
 
-        return export_openvino(size, precision=args.precision, calibration=args.calibration,
+        return export_openvino(size, precision=args.precision or "fp32", calibration=args.calibration,
                                calibration_size=args.calibration_size, source=args.openvino_source,
                                onnx_path=args.onnx_path, quiet=args.quiet, **common)
     if args.format == "triton":
@@ -181,18 +194,18 @@ def _export_triton(args: argparse.Namespace, size: str):
     if backend == "onnxruntime":  # the ONNX file is the model itself
         model_path = model_path or args.onnx_path
         options = dict(opset=args.opset, batch=args.batch, simplify=not args.no_simplify)
-        precision = "fp16" if args.fp16 else args.precision
+        precision = "fp16" if args.fp16 else args.precision or "fp32"
     elif backend == "openvino":
         options = dict(calibration=args.calibration, calibration_size=args.calibration_size,
                        source=args.openvino_source, onnx_path=args.onnx_path)
-        precision = args.precision
+        precision = args.precision or "fp32"
     else:
         options = dict(calibration=args.calibration, calibration_size=args.calibration_size, batch=args.batch,
                        workspace_gb=args.workspace, timing_cache=args.timing_cache, fp32_attention=args.fp32_attention,
                        force=args.force, onnx_path=args.onnx_path, device=args.device, check_parity=not args.no_parity)
         if args.dynamic_batch not in (None, "dynamic"):
             options["dynamic_batch"] = args.dynamic_batch
-        precision = args.precision
+        precision = args.precision or "fp32"
     if model_path is None:  # exported now: with the model's classes (a given artifact carries its own)
         options.update({k: v for k, v in _classes(args).items() if v is not None})
     return export_triton(size, backend, model_path=model_path, repository=args.triton_repository,

@@ -3,7 +3,9 @@
 Steps: load the reference (checkpoint from the store, a given path, or deterministic random weights) ->
 deploy() -> trace with the TorchScript exporter (torch's dynamo exporter fails on this graph today) ->
 onnxsim (keeping the dynamic batch axis; constant folding skipped where it breaks, e.g. RoPE in l/x) ->
-optional FP16 -> parity against PyTorch with ONNX Runtime -> metadata -> the final name.
+parity against PyTorch with ONNX Runtime (FP32, enforced) -> optional FP16 or INT8 Q/DQ rewrite of that graph
+(`deimv2_deploy.exporters.onnx_precision`) with its parity against PyTorch and drift against the FP32 ONNX
+(reported) -> metadata -> the final name.
 
 All the work happens in a private scratch folder (`deimv2_deploy.files.work_folder`); the model store only ever
 sees the finished file, written under a temporary name, read back and renamed (`deimv2_deploy.files`). Nothing,
@@ -22,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deimv2_deploy.exporters.common import (
     ExportResult,
     Steps,
@@ -33,6 +37,8 @@ from deimv2_deploy.exporters.common import (
 from deimv2_deploy.exporters.parity import (
     ParityError,
     compare_graph_outputs,
+    drift_summary,
+    match_detections,
     parity_batch,
     reference_outputs,
     tolerances,
@@ -43,7 +49,8 @@ from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
 from deimv2_deploy.spec import EXPORTER, ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
 
-__all__ = ["export_onnx", "export_official_style_onnx", "official_style_name", "trace_to_onnx", "write_onnx_with_spec",
+__all__ = ["export_onnx", "precision_report", "PRECISION_DRIFT_IMAGES", "export_official_style_onnx",
+           "official_style_name", "trace_to_onnx", "write_onnx_with_spec",
            "run_onnx", "publish_onnx", "summarize_onnxsim_output"]
 
 # onnxsim's C++ note for a node constant folding cannot evaluate (the node is kept as it is: harmless)
@@ -105,19 +112,6 @@ def _simplify(path: Path, quiet: bool = False) -> str:
     return f"not simplified: {error}"
 
 
-def _to_fp16(path: Path) -> None:
-    import onnx
-
-    try:
-        from onnxconverter_common import float16
-    except ImportError as e:
-        raise RuntimeError("--fp16 needs onnxconverter-common: pip install onnxconverter-common") from e
-    model = onnx.load(str(path))
-    # keep I/O types (float32 images, int64 sizes) and the postprocessing TopK in float32
-    model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=["TopK", "Sigmoid"])
-    onnx.save(model, str(path))
-
-
 def run_onnx(path: Path, threads: int | None = None):
     """A function running the ONNX file in ONNX Runtime (CPU): inputs dict -> outputs dict."""
     import onnxruntime as ort
@@ -175,32 +169,57 @@ def _spec_fields(classes: Any, overrides: Mapping[str, Any] | None, explicit: bo
 
 def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
                 output_dir: str | os.PathLike | None = None, opset: int = 17, batch: int | None = None,
-                simplify: bool = True, fp16: bool = False, quiet: bool = False, graph: Any = None,
+                simplify: bool = True, precision: str | None = None, fp16: bool = False,
+                calibration: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                calibration_size: int = 300, calibration_method: str = "minmax",
+                float_blocks: Sequence[str] | None = None, quiet: bool = False, graph: Any = None,
                 weights: str | None = None, spec_overrides: Mapping[str, Any] | None = None,
                 class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> ExportResult:
     """Export DEIMv2-`variant` to ONNX in the model store; fails loudly when FP32 parity is broken.
 
+    precision: "fp32" (default), "fp16" (FP16 compute with `onnx_precision.FP16_KEEP` in FP32; `fp16=True` is the
+    older spelling) or "int8" (explicit symmetric Q/DQ, calibrated on up to `calibration_size` images of
+    `calibration`: a folder of images or a COCO-format dataset; `calibration_method` one of
+    `onnx_precision.CALIBRATION_METHODS`). I/O stays float32 images / int64 sizes in, float32 out. The FP32 graph
+    is always checked against PyTorch (enforced); an FP16/INT8 file's parity against PyTorch and its drift against
+    the FP32 ONNX are recorded in its metadata (`parity`, `parity["vs_fp32_onnx"]`), not enforced.
+    `float_blocks`: the `onnx_precision.BLOCKS` kept in FP32 (default: FP16_KEEP / INT8_FLOAT).
     `graph`/`weights` let callers that already hold a DeployGraph (the OpenVINO and TensorRT exporters, the
     transformers-checkpoint exporter) reuse it instead of loading the checkpoint again; `spec_overrides` are
     ArtifactSpec fields of such a graph (class names, input size, `build` entries such as the graph used).
     `class_names`/`category_ids`: the classes to store (one per class), which win over everything else; by
     default those the checkpoint carries, COCO-80 for an 80-class model without names, else class_0..
     """
+    from deimv2_deploy.exporters.onnx_precision import PRECISIONS
+
     info = get_variant_info(variant)
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be at least 1 (or None for dynamic), got {batch}")
+    if fp16 and precision not in (None, "fp16"):
+        raise ValueError(f"fp16=True contradicts precision={precision!r}: pass precision only")
+    precision = precision or ("fp16" if fp16 else "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"ONNX precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if calibration is not None and precision != "int8":
+        raise ValueError(f"--calibration is for --precision int8, not {precision}")
+    if float_blocks is not None and precision == "fp32":
+        raise ValueError("float_blocks is for --precision fp16 / int8 (an FP32 graph is all float)")
     store = resolve_store(output_dir)
-    precision = "fp16" if fp16 else "fp32"
     final = store / artifact_name(info.name, precision, random_weights, batch, ".onnx")
-    steps = Steps(f"onnx {info.name}", 5, quiet)
+    spec = ArtifactSpec.for_variant(info.name, random_weights=random_weights, precision=precision, batch=batch,
+                                    exporter=EXPORTER)
+    calib = None
+    if precision == "int8":  # bad calibration input fails here, before the model is loaded
+        from deimv2_deploy.exporters.calibration import calibration_set
+
+        calib = calibration_set(calibration, calibration_size, spec)
+    steps = Steps(f"onnx {info.name} {precision}", 5 if precision == "fp32" else 7, quiet)
 
     graph, weights, classes = deploy_graph(info.name, checkpoint, random_weights, store, graph, weights, steps,
                                            class_names, category_ids)
-    spec = ArtifactSpec.for_variant(info.name, weights=weights, random_weights=random_weights,
-                                    precision=precision, batch=batch, exporter=EXPORTER,
-                                    **_spec_fields(classes, spec_overrides, explicit=class_names is not None))
+    spec = spec.with_(weights=weights, **_spec_fields(classes, spec_overrides, explicit=class_names is not None))
     with work_folder("deimv2-export-") as work:
-        traced = work / final.name
+        traced = work / artifact_name(info.name, "fp32", random_weights, batch, ".onnx")
         steps(f"tracing to ONNX (opset {opset}, batch {'dynamic' if batch is None else batch})")
         trace_to_onnx(graph, spec, traced, opset=opset, batch=batch)
         simplified = "no (--no-simplify)"
@@ -209,23 +228,87 @@ def export_onnx(variant: str, *, checkpoint: str | os.PathLike | None = None, ra
             simplified = _simplify(traced, quiet)
         else:
             steps("simplification skipped")
-        if fp16:
-            _to_fp16(traced)
         steps("checking parity against PyTorch (ONNX Runtime, CPU)")
         check = parity_batch(spec, count=batch or 2)
         reference = reference_outputs(graph, check)
-        parity = compare_graph_outputs(run_onnx(traced), reference, check, **tolerances(precision))
+        parity = compare_graph_outputs(run_onnx(traced), reference, check, **tolerances("fp32"))
         parity["against"] = spec.build.get("reference", "PyTorch deploy model (CPU, FP32)")
-        if not fp16 and not parity["ok"]:
+        if not parity["ok"]:
             raise ParityError(f"ONNX export of DEIMv2-{info.name} disagrees with PyTorch: {_describe(parity)}. "
                               "Nothing was written; please report this with the command you ran")
-        spec = spec.with_(parity=parity, versions=library_versions("torch", "onnx", "onnxsim", "onnxruntime"),
-                          build={**spec.build, "opset": opset, "simplified": simplified})
+        build: dict[str, Any] = {**spec.build, "opset": opset, "simplified": simplified}
+        out = traced
+        if precision != "fp32":
+            out = work / final.name
+            steps(f"rewriting the graph to {precision.upper()}"
+                  + (f" (calibrating on {len(calib)} images of {calib.source})" if calib is not None else ""))
+            build["precision"] = _rewrite(traced, out, precision, calib, calibration_method, float_blocks)
+            steps(f"checking the {precision.upper()} graph against PyTorch and the FP32 ONNX")
+            parity = precision_report(out, traced, reference, check, precision, spec,
+                                      None if calib is None else calib.paths[:PRECISION_DRIFT_IMAGES])
+        spec = spec.with_(parity=parity, versions=library_versions(*_LIBRARIES[precision]), build=build)
         steps(f"writing {final}")
-        publish_onnx(traced, final, spec)
+        publish_onnx(out, final, spec)
     if not quiet:
         print(f"parity vs PyTorch: {_describe(parity)}", flush=True)
+        if "vs_fp32_onnx" in parity:
+            print(f"{precision.upper()} drift vs the FP32 ONNX: {_describe(parity['vs_fp32_onnx'])}; top-100 per "
+                  f"image: {parity['vs_fp32_onnx']['summary']}", flush=True)
     return ExportResult(final, spec, parity, steps.elapsed)
+
+
+# images of the calibration set an INT8 export also measures its drift on (beside the fixed parity scenes)
+PRECISION_DRIFT_IMAGES = 4
+_LIBRARIES = {"fp32": ("torch", "onnx", "onnxsim", "onnxruntime"),
+              "fp16": ("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter_common"),
+              "int8": ("torch", "onnx", "onnxsim", "onnxruntime")}
+
+
+def _rewrite(src: Path, dst: Path, precision: str, calib: Any, method: str,
+             float_blocks: Sequence[str] | None) -> dict[str, Any]:
+    from deimv2_deploy.exporters import onnx_precision
+
+    if precision == "fp16":
+        keep = onnx_precision.FP16_KEEP if float_blocks is None else tuple(float_blocks)
+        return onnx_precision.convert_fp16(src, dst, keep)
+    keep = onnx_precision.INT8_FLOAT if float_blocks is None else tuple(float_blocks)
+    notes = onnx_precision.quantize_int8(src, dst, calib, keep, method=method)
+    notes["calibration"] = calib.describe()
+    return notes
+
+
+def precision_report(path: Path, fp32_path: Path, reference: dict[str, Any], batch: Any, precision: str,
+                     spec: ArtifactSpec, images: Sequence[Path] | None = None) -> dict[str, Any]:
+    """Parity of the reduced-precision ONNX `path` against PyTorch (`reference` on `batch`), and its drift against
+    the FP32 ONNX `fp32_path` on `batch` and, when given, on `images` (one at a time): `match_detections` at the
+    precision's tolerances plus the tolerance-free `drift_summary`. Reported, never enforced."""
+    from deimv2_deploy.media import read_image
+    from deimv2_deploy.preprocess import Preprocessor
+
+    ours, fp32 = run_onnx(path), run_onnx(fp32_path)
+    limits = tolerances(precision)
+    out_batch = ours(batch.as_inputs())
+    parity = match_detections(out_batch, reference, **limits)
+    parity["against"] = "PyTorch deploy model (CPU, FP32)"
+    parity["drift"] = drift_summary(out_batch, reference)
+    fp32_batch = fp32(batch.as_inputs())
+    vs = match_detections(out_batch, fp32_batch, **limits)
+    vs["summary"] = drift_summary(out_batch, fp32_batch)
+    vs["images"] = "the fixed parity scenes"
+    parity["vs_fp32_onnx"] = vs
+    if images:
+        prepare = Preprocessor(spec)
+        rows: dict[str, list[dict[str, Any]]] = {"ours": [], "fp32": []}
+        for image in images:
+            inputs = prepare(read_image(image)).as_inputs()
+            rows["ours"].append(ours(inputs))
+            rows["fp32"].append(fp32(inputs))
+        stack = {k: {name: np.concatenate([r[name] for r in v]) for name in OUTPUT_NAMES} for k, v in rows.items()}
+        on_data = match_detections(stack["ours"], stack["fp32"], **limits)
+        on_data["summary"] = drift_summary(stack["ours"], stack["fp32"])
+        on_data["images"] = f"{len(images)} calibration images"
+        parity["vs_fp32_onnx_calibration_images"] = on_data
+    return parity
 
 
 def official_style_name(variant: str, random_weights: bool = False) -> str:

@@ -30,7 +30,14 @@ from deimv2_deploy.classes import ModelClasses
 from deimv2_deploy.data.calibration import select_calibration_images
 from deimv2_deploy.exporters import ExportResult, artifact_name, resolve_store
 from deimv2_deploy.exporters.common import Steps, deploy_graph, library_versions
-from deimv2_deploy.exporters.parity import ParityError, match_detections, parity_batch, reference_outputs, tolerances
+from deimv2_deploy.exporters.parity import (
+    ParityError,
+    drift_summary,
+    match_detections,
+    parity_batch,
+    reference_outputs,
+    tolerances,
+)
 from deimv2_deploy.files import atomic_write, work_folder
 from deimv2_deploy.media import read_image
 from deimv2_deploy.preprocess import Preprocessor
@@ -148,38 +155,6 @@ def save_ir(model: Any, final_xml: Path, compress_to_fp16: bool) -> None:
 def _set_spec(model: Any, spec: ArtifactSpec) -> None:
     for key, value in spec.to_metadata().items():
         model.set_rt_info(value, [key])
-
-
-# --- drift ----------------------------------------------------------------------------------------------
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
-
-
-def drift_summary(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], top: int = 100) -> dict[str, Any]:
-    """How far reduced-precision detections moved, tolerance-free: for each of the `top` best reference
-    detections per image, the best-overlapping detection of the same class among all of ours (IoU and score)."""
-    ious, score_diffs = [], []
-    for i in range(ref["scores"].shape[0]):
-        order = np.argsort(-ref["scores"][i], kind="stable")[:top]
-        for r in order:
-            same = np.flatnonzero(ours["labels"][i] == ref["labels"][i][r])
-            if same.size == 0:
-                ious.append(0.0)
-                continue
-            overlap = _iou(ref["boxes"][i][r], ours["boxes"][i][same])
-            j = same[int(np.argmax(overlap))]
-            ious.append(float(overlap.max()))
-            score_diffs.append(abs(float(ours["scores"][i][j]) - float(ref["scores"][i][r])))
-    ious_a = np.asarray(ious)
-    return {"top": top, "mean_iou": round(float(ious_a.mean()), 4),
-            "iou_over_0.5": round(float((ious_a > 0.5).mean()), 4),
-            "iou_over_0.9": round(float((ious_a > 0.9).mean()), 4),
-            "median_score_diff": float(np.median(score_diffs)) if score_diffs else None,
-            "max_score_diff": float(np.max(score_diffs)) if score_diffs else None}
 
 
 def _describe(p: Mapping[str, Any]) -> str:

@@ -16,8 +16,8 @@ from deimv2_deploy.preprocess import PreparedBatch, Preprocessor
 from deimv2_deploy.spec import ArtifactSpec
 
 __all__ = ["FP32_BOX_TOL", "FP32_SCORE_TOL", "MIN_MATCHED", "PRECISION_TOLERANCES", "ARITHMETIC_TOLERANCES",
-           "tolerances", "ParityError", "match_detections", "parity_images", "parity_batch", "compare_graph_outputs",
-           "reference_outputs"]
+           "tolerances", "ParityError", "match_detections", "drift_summary", "parity_images", "parity_batch",
+           "compare_graph_outputs", "reference_outputs"]
 
 FP32_BOX_TOL = 1e-2  # pixels
 FP32_SCORE_TOL = 1e-5
@@ -154,3 +154,35 @@ def reference_outputs(graph: Any, batch: PreparedBatch) -> dict[str, np.ndarray]
     with torch.inference_mode():
         labels, boxes, scores = graph(torch.from_numpy(batch.images), torch.from_numpy(batch.orig_target_sizes))
     return {"labels": labels.numpy(), "boxes": boxes.float().numpy(), "scores": scores.float().numpy()}
+
+
+# --- drift ----------------------------------------------------------------------------------------------
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+
+
+def drift_summary(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], top: int = 100) -> dict[str, Any]:
+    """How far reduced-precision detections moved, tolerance-free: for each of the `top` best reference
+    detections per image, the best-overlapping detection of the same class among all of ours (IoU and score)."""
+    ious, score_diffs = [], []
+    for i in range(ref["scores"].shape[0]):
+        order = np.argsort(-ref["scores"][i], kind="stable")[:top]
+        for r in order:
+            same = np.flatnonzero(ours["labels"][i] == ref["labels"][i][r])
+            if same.size == 0:
+                ious.append(0.0)
+                continue
+            overlap = _iou(ref["boxes"][i][r], ours["boxes"][i][same])
+            j = same[int(np.argmax(overlap))]
+            ious.append(float(overlap.max()))
+            score_diffs.append(abs(float(ours["scores"][i][j]) - float(ref["scores"][i][r])))
+    ious_a = np.asarray(ious)
+    return {"top": top, "mean_iou": round(float(ious_a.mean()), 4),
+            "iou_over_0.5": round(float((ious_a > 0.5).mean()), 4),
+            "iou_over_0.9": round(float((ious_a > 0.9).mean()), 4),
+            "median_score_diff": float(np.median(score_diffs)) if score_diffs else None,
+            "max_score_diff": float(np.max(score_diffs)) if score_diffs else None}

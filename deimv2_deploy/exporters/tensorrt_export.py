@@ -1,29 +1,30 @@
-"""deimv2-export, TensorRT part: our ONNX artifact -> a serialized engine (FP32, FP16 or INT8) + its JSON sidecar.
+"""deimv2-export, TensorRT part: an ONNX artifact -> a serialized, strongly typed engine + its JSON sidecar.
 
-Steps: the ONNX (exported here, or the file given) -> TensorRT's ONNX parser -> one optimization profile over
-the batch axis of both inputs -> precision (FP16 flag; or INT8 with an entropy calibrator fed by images
-preprocessed exactly as at inference; optionally the ViT attention pinned to FP32) -> build -> parity of the
+Steps: the ONNX (exported here at the requested precision, or the file given) -> TensorRT's ONNX parser into a
+strongly typed network -> one optimization profile over the batch axis of both inputs -> build -> parity of the
 engine against ONNX Runtime on the same ONNX -> `<name>.engine` and `<name>.engine.json`, published together (the
 sidecar first, the engine last: a reader never finds an engine without its sidecar, nor a new sidecar beside an
 old engine).
 
-Written against the TensorRT 10 Python API (`create_network(0)`: explicit batch is implicit since 10.0).
+The precision of an engine is that of its ONNX (`deimv2_deploy.exporters.onnx_precision`): FP32 tensors, FP16
+tensors with the sensitive blocks in FP32, or INT8 with explicit symmetric Q/DQ nodes calibrated on the user's
+images. No builder precision switch is used: one code path for TensorRT 10.6+ and 11.x, which removed
+`BuilderFlag.FP16/BF16/INT8/FP8`, the INT8 calibrators, `OBEY/PREFER_PRECISION_CONSTRAINTS`,
+`platform_has_fast_fp16/int8` and `ICudaEngine.device_memory_size`; none of them appears in this package.
+- The network is created STRONGLY_TYPED where the flag exists (10.x; in 11.x every network is strongly typed).
 - FP16 needs TensorRT >= 10.6: earlier 10.x builds FP16 DEIMv2 engines that return wrong detections (DEIMv2
   issues #53 and #112). We refuse unless `force=True`.
-- TensorRT 11 removed the weakly typed precision flags (BuilderFlag.FP16/INT8) and INT8 calibrators; there only
-  FP32 builds work here.
-- "fp32" engines are built with TF32 off, so they are FP32 in fact and comparable with ONNX Runtime.
+- TF32 is cleared, so FP32 tensors are FP32 in fact and comparable with ONNX Runtime.
+- TensorRT 11.4 does not support Jetson (JetPack); Jetson stays on TensorRT 10.x, which this same path serves.
 
-The pure logic (batch profiles, "MIN:OPT:MAX" parsing, version checks, calibration batching, layer selection by
-name, build settings) is separate from the library calls so it is tested without TensorRT.
+The pure logic (batch profiles, "MIN:OPT:MAX" parsing, version checks, the precision of an ONNX, build settings)
+is separate from the library calls so it is tested without TensorRT.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,6 @@ from deimv2_deploy.exporters.common import (
     spec_with_classes,
 )
 from deimv2_deploy.files import AtomicWrite, file_sha256, write_bytes
-from deimv2_deploy.media import read_image
-from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes.base import INPUT_NAMES
 from deimv2_deploy.spec import ArtifactSpec, resolve_spec
 from deimv2_deploy.tensorrt_support import (
@@ -58,17 +57,10 @@ from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["export_tensorrt", "PRECISIONS", "BatchProfile", "DEFAULT_DYNAMIC_BATCH", "TensorRtVersionError",
            "parse_batch_range", "parse_dynamic_batch", "resolve_batch_profile", "profile_shapes",
-           "check_tensorrt_version",
-           "select_calibration_images", "CalibrationBatches", "calibration_batch_size", "calibration_fingerprint",
-           "ATTENTION_NAME_PATTERN", "ATTENTION_LAYER_TYPES", "select_fp32_layers", "build_settings",
-           "parity_tolerances", "engine_spec"]
+           "check_tensorrt_version", "onnx_precision_of", "network_flags", "build_settings", "parity_tolerances",
+           "engine_spec"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
-MAX_CALIBRATION_BATCH = 8
-# The ViT self-attention core of s/m/l/x as our ONNX names it (/model/backbone/dinov3/blocks.<i>/attn/MatMul,
-# .../Softmax, .../MatMul_1): Q.K^T, softmax and attention.V, not the qkv/proj linear layers around them.
-ATTENTION_NAME_PATTERN = r"(^|/)backbone/.*blocks\.\d+/attn/(?!proj/|qkv/)"
-ATTENTION_LAYER_TYPES = ("MATRIX_MULTIPLY", "SOFTMAX")
 FP16_BUG = "wrong FP16 outputs, fixed in TensorRT 10.6; DEIMv2 issues #53 and #112"
 
 
@@ -168,107 +160,57 @@ def check_tensorrt_version(version: str, precision: str, force: bool = False) ->
     if v < MIN_TENSORRT:
         raise TensorRtVersionError(f"TensorRT {version} is too old: deimv2-deploy needs TensorRT >= "
                                    f"{'.'.join(map(str, MIN_TENSORRT))} (>= 10.6 for FP16). Install: {INSTALL_HINT}")
-    if v[0] >= 11 and precision != "fp32":
-        raise TensorRtVersionError(f"TensorRT {version} has no weakly typed {precision.upper()} builds (TensorRT 11 "
-                                   "removed BuilderFlag.FP16/INT8 and the INT8 calibrators this exporter uses): "
-                                   "install pip install 'tensorrt>=10.6,<11' for fp16/int8 engines, or build fp32")
     warnings = []
     if precision == "fp16" and v < FP16_SAFE_TENSORRT:
         message = f"TensorRT {version} has a known FP16 bug for DEIMv2 ({FP16_BUG})"
         if not force:
-            raise TensorRtVersionError(f"{message}. Upgrade with pip install 'tensorrt>=10.6,<11', or build fp32, or "
+            raise TensorRtVersionError(f"{message}. Upgrade with pip install 'tensorrt>=10.6,<12', or build fp32, or "
                                        "pass force=True (--force) to build anyway and read the parity report "
-                                       "(fp32_attention=True is the workaround reported in #112)")
+                                       "(fp32_attention=True, the ViT attention kept FP32 in the ONNX, is the "
+                                       "workaround reported in #112)")
         warnings.append(f"{message}; building anyway because force=True: check the parity report")
     return warnings
 
 
-# --- calibration ------------------------------------------------------------------------------------------
-def calibration_batch_size(profile: BatchProfile) -> int:
-    """Calibration batch: up to MAX_CALIBRATION_BATCH images, inside the engine's batch range."""
-    return max(profile.min, min(profile.max, MAX_CALIBRATION_BATCH))
+# --- precision ------------------------------------------------------------------------------------------
+def onnx_precision_of(model: Any) -> str:
+    """The precision an ONNX model carries (an `onnx.ModelProto`): "int8" with Q/DQ nodes, "fp16" with FP16
+    tensors, else "fp32". A strongly typed engine built from it has the same."""
+    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
+        return "int8"
+    fp16 = 10  # onnx.TensorProto.FLOAT16
+    if any(t.data_type == fp16 for t in model.graph.initializer) or any(
+            v.type.tensor_type.elem_type == fp16 for v in model.graph.value_info) or any(
+            node.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in node.attribute)
+            for node in model.graph.node):
+        return "fp16"
+    return "fp32"
 
 
-class CalibrationBatches:
-    """Calibration inputs, preprocessed exactly as at inference (`Preprocessor(spec)`), `batch_size` images each.
-
-    Every batch is full: a partial last batch is DROPPED (TensorRT's calibrator needs a fixed batch size, and
-    padding would count the padding images twice in the activation histograms). `dropped` says how many.
-    Images are read lazily, one batch at a time; iterating again starts over.
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], spec: ArtifactSpec, batch_size: int) -> None:
-        if batch_size < 1:
-            raise ValueError(f"calibration batch size must be at least 1, got {batch_size}")
-        self.paths = [Path(p) for p in paths]
-        if len(self.paths) < batch_size:
-            raise ValueError(f"INT8 calibration needs at least {batch_size} images (one batch), got "
-                             f"{len(self.paths)}; add images or lower the batch range")
-        self.spec = spec
-        self.batch_size = int(batch_size)
-        self.preprocessor = Preprocessor(spec)
-
-    def __len__(self) -> int:
-        return len(self.paths) // self.batch_size
-
-    @property
-    def used(self) -> int:
-        return len(self) * self.batch_size
-
-    @property
-    def dropped(self) -> int:
-        return len(self.paths) - self.used
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, self.used, self.batch_size):
-            images = [read_image(p) for p in self.paths[start:start + self.batch_size]]
-            yield self.preprocessor(images).as_inputs()  # images float32 (B,3,H,W), orig_target_sizes int64 (B,2)
-
-    def describe(self) -> dict[str, Any]:
-        return {"images": len(self.paths), "used": self.used, "dropped_last_partial_batch": self.dropped,
-                "batch_size": self.batch_size, "batches": len(self), "resize": self.preprocessor.resize}
-
-
-def calibration_fingerprint(paths: Sequence[str | os.PathLike], spec: ArtifactSpec, batch_size: int,
-                            onnx_digest: str) -> str:
-    """Hex digest of what a calibration cache depends on: the network, the images and their preprocessing."""
-    h = hashlib.sha256()
-    h.update(f"{onnx_digest}|{spec.input_size}|{spec.mean}|{spec.std}|{spec.resize}|{batch_size}".encode())
-    for p in paths:
-        p = Path(p)
-        h.update(f"|{p.name}:{p.stat().st_size}".encode())
-    return h.hexdigest()
-
-
-# --- mixed precision --------------------------------------------------------------------------------------
-def select_fp32_layers(layers: Iterable[tuple[str, str]], pattern: str = ATTENTION_NAME_PATTERN,
-                       types: Iterable[str] = ATTENTION_LAYER_TYPES) -> list[int]:
-    """Indices of the (name, type) layers to pin to FP32: type in `types` ('MATRIX_MULTIPLY' or
-    'LayerType.MATRIX_MULTIPLY') and name matching `pattern` (re.search)."""
-    regex = re.compile(pattern)
-    wanted = {str(t).split(".")[-1].upper() for t in types}
-    return [i for i, (name, kind) in enumerate(layers)
-            if str(kind).split(".")[-1].upper() in wanted and regex.search(str(name))]
+def network_flags(trt: Any) -> int:
+    """`create_network` flags: STRONGLY_TYPED where TensorRT has the flag (10.x), 0 where every network is
+    strongly typed anyway (11.x). Explicit batch is implicit since 10.0."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 # --- metadata ---------------------------------------------------------------------------------------------
 def build_settings(*, precision: str, profile: BatchProfile, workspace_gb: float, tensorrt: str, device: str,
                    compute_capability: tuple[int, int] | None = None, fp32_attention: bool = False,
-                   fp32_layers: Sequence[str] = (), tf32: bool = False, calibration: dict[str, Any] | None = None,
-                   timing_cache: str | None = None, onnx: dict[str, Any] | None = None, forced: bool = False,
-                   warnings: Sequence[str] = ()) -> dict[str, Any]:
-    """The sidecar's `build` section: how the engine was made (JSON-serialisable)."""
+                   tf32: bool = False, timing_cache: str | None = None, onnx: dict[str, Any] | None = None,
+                   forced: bool = False, warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """The sidecar's `build` section: how the engine was made (JSON-serialisable). The precision is the ONNX's
+    (strongly typed network); how that ONNX was made (FP32 blocks, calibration) is in `onnx["build"]`."""
     return {
         "precision": precision,
+        "network": "strongly typed (precision from the ONNX)",
         "batch_profile": profile.to_dict(),
         "workspace_gb": float(workspace_gb),
         "tensorrt": str(tensorrt),
         "device": str(device),
         "compute_capability": None if compute_capability is None else ".".join(map(str, compute_capability)),
         "fp32_attention": bool(fp32_attention),
-        "fp32_layers": list(fp32_layers),
         "tf32": bool(tf32),
-        "calibration": calibration,
         "timing_cache": timing_cache,
         "onnx": onnx,
         "forced": bool(forced),
@@ -315,47 +257,6 @@ def _engine_and_sidecar_complete(engine_bytes: int) -> Any:
 
 
 # --- the library calls ------------------------------------------------------------------------------------
-def _entropy_calibrator(trt: Any, cuda: Any, batches: CalibrationBatches, cache_path: Path) -> Any:
-    """An IInt8EntropyCalibrator2 feeding `batches` through device buffers; caches its table at `cache_path`."""
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)  # pybind11 needs the base constructor called explicitly
-            self._batches = iter(batches)
-            self._device: dict[str, Any] = {}
-            self.batches_given = 0
-
-        def get_batch_size(self) -> int:
-            return batches.batch_size
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            inputs = next(self._batches, None)
-            if inputs is None:
-                return None  # no more data: calibration ends
-            pointers = []
-            for name in names:
-                array = np.ascontiguousarray(inputs[name])
-                if name not in self._device:
-                    self._device[name] = cuda.mem_alloc(array.nbytes)
-                cuda.memcpy_htod(self._device[name], array)
-                pointers.append(int(self._device[name]))
-            self.batches_given += 1
-            return pointers
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache_path.read_bytes() if cache_path.is_file() else None
-
-        def write_calibration_cache(self, cache: Any) -> None:
-            write_bytes(cache_path, bytes(cache))
-
-        def free(self) -> None:
-            for allocation in self._device.values():
-                allocation.free()
-            self._device.clear()
-
-    return EntropyCalibrator()
-
-
 def _engine_parity(engine_path: Path, onnx_path: Path, spec: ArtifactSpec, precision: str, profile: BatchProfile,
                    device_index: int) -> dict[str, Any]:
     """Run the fresh engine and ONNX Runtime (CPU) on the fixed parity images; match detections order-free."""
@@ -377,7 +278,7 @@ def _engine_parity(engine_path: Path, onnx_path: Path, spec: ArtifactSpec, preci
     return report
 
 
-def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | os.PathLike | None = None,
+def export_tensorrt(variant: str, *, precision: str | None = None, checkpoint: str | os.PathLike | None = None,
                     random_weights: bool = False, output_dir: str | os.PathLike | None = None,
                     calibration: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                     calibration_size: int = 300, batch: int | None = None,
@@ -386,41 +287,61 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
                     onnx_path: str | os.PathLike | None = None, device: str = "cuda", check_parity: bool = True,
                     verbose: bool = False, quiet: bool = False, class_names: Sequence[str] | None = None,
                     category_ids: Sequence[int] | None = None) -> ExportResult:
-    """Build a TensorRT engine of DEIMv2-`variant` in the model store, with its sidecar `<name>.engine.json`.
+    """Build a strongly typed TensorRT engine of DEIMv2-`variant` in the model store, with its sidecar
+    `<name>.engine.json`. Its precision is that of the ONNX it is built from.
 
-    The ONNX comes from `onnx_path`, or is exported first (`checkpoint` / `random_weights`). `batch` fixes the
-    batch; `dynamic_batch` ("MIN:OPT:MAX" or a 3-tuple) sets the profile range (default 1:1:8). INT8 needs
-    `calibration` (a folder or list of representative images, or a COCO-format dataset; `calibration_size` of them
-    are used).
-    `fp32_attention` keeps the ViT attention MatMul/Softmax layers (s/m/l/x) in FP32 in FP16/INT8 engines.
-    An FP32 engine that disagrees with ONNX Runtime raises ParityError and nothing is written; FP16/INT8
-    parity is recorded in the sidecar. `class_names`/`category_ids`: the classes to store (one per class); by
-    default those of the ONNX (or of the checkpoint it is exported from).
+    The ONNX comes from `onnx_path` (its precision is the engine's; `precision`, when given, must agree), or is
+    exported first at `precision` (default fp32) from `checkpoint` / `random_weights`: INT8 then needs
+    `calibration` (a folder of representative images or a COCO-format dataset; `calibration_size` of them are
+    used) for the ONNX's Q/DQ scales. `batch` fixes the batch; `dynamic_batch` ("MIN:OPT:MAX" or a 3-tuple) sets
+    the profile range (default 1:1:8). `fp32_attention` keeps the ViT attention core (s/m/l/x) in FP32 in the FP16
+    ONNX it exports. An FP32 engine that disagrees with ONNX Runtime raises ParityError and nothing is written;
+    FP16/INT8 parity is recorded in the sidecar. `class_names`/`category_ids`: the classes to store (one per
+    class); by default those of the ONNX (or of the checkpoint it is exported from).
     """
+    import onnx
+
     from deimv2_deploy.exporters.onnx_export import export_onnx
+    from deimv2_deploy.exporters.onnx_precision import FP16_KEEP, INT8_FLOAT
     from deimv2_deploy.exporters.parity import ParityError
     from deimv2_deploy.runtimes.base import BackendUnavailableError
     from deimv2_deploy.runtimes.tensorrt_backend import TensorRtRuntime
     from deimv2_deploy.tensorrt_support import cuda_context, import_pycuda, import_tensorrt
 
     info = get_variant_info(variant)
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if workspace_gb <= 0:
         raise ValueError(f"workspace_gb must be positive, got {workspace_gb}")
-    if fp32_attention and precision == "fp32":
+    if onnx_path is not None and (checkpoint is not None or random_weights):
+        raise ValueError("pass either onnx_path (an ONNX to build from) or checkpoint/random_weights, not both")
+    if onnx_path is not None and (fp32_attention or calibration is not None):
+        raise ValueError("the precision of an engine is that of its ONNX: fp32_attention and calibration shape the "
+                         "ONNX, so pass them to deimv2-export --format onnx, or leave onnx_path out")
+    if fp32_attention and (precision or "fp32") == "fp32" and onnx_path is None:
         raise ValueError("fp32_attention only matters for fp16/int8 engines (an fp32 engine is all FP32)")
     if fp32_attention and info.family != "dinov3":
         raise ValueError(f"fp32_attention keeps the ViT attention in FP32; DEIMv2-{info.name} has an HGNetv2 "
                          "backbone without one (sizes s, m, l, x have it)")
-    if onnx_path is not None and (checkpoint is not None or random_weights):
-        raise ValueError("pass either onnx_path (an ONNX to build from) or checkpoint/random_weights, not both")
-    if precision == "int8" and calibration is None:
-        raise ValueError("INT8 needs calibration images: pass calibration=<folder of representative images, e.g. "
-                         "COCO val2017> (--calibration); 300 images are used by default")
+    if onnx_path is None and precision == "int8" and calibration is None:
+        raise ValueError("an INT8 engine is built from an INT8 Q/DQ ONNX, which needs calibration images: pass "
+                         "calibration=<folder of representative images or a COCO dataset> (--calibration); "
+                         "300 images are used by default")
     device_index = parse_cuda_device(device)
     profile = resolve_batch_profile(batch, dynamic_batch)  # validated now; the ONNX's batch axis is checked later
-    calibration_paths = select_calibration_images(calibration, calibration_size) if precision == "int8" else None
+    if onnx_path is None and precision == "int8":
+        select_calibration_images(calibration, calibration_size)  # a folder without images fails now, not later
+    onnx_file = None if onnx_path is None else Path(onnx_path)
+    if onnx_file is not None:
+        if not onnx_file.is_file():
+            raise FileNotFoundError(f"ONNX file not found: {onnx_file}")
+        carried = onnx_precision_of(onnx.load(str(onnx_file), load_external_data=False))
+        if precision is not None and precision != carried:
+            raise ValueError(f"{onnx_file} is a {carried} ONNX, so its engine is {carried}, not {precision}: export "
+                             f"a {precision} ONNX first (deimv2-export {info.name} --format onnx --precision "
+                             f"{precision}) or leave precision out")
+        precision = carried
+    precision = precision or "fp32"
     reason = TensorRtRuntime.unavailable_reason()  # what is missing (TensorRT, pycuda, a GPU) and how to install
     if reason:
         raise BackendUnavailableError(reason)
@@ -433,18 +354,20 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
     store = resolve_store(output_dir)
     steps = Steps(f"tensorrt {info.name} {precision}", 5, quiet)
 
-    # 1. the ONNX
-    if onnx_path is None:
-        steps("exporting the ONNX to build from")
+    # 1. the ONNX, which carries the precision
+    if onnx_file is None:
+        steps(f"exporting the {precision.upper()} ONNX to build from")
+        float_blocks = None
+        if fp32_attention:
+            float_blocks = tuple(dict.fromkeys((*(FP16_KEEP if precision == "fp16" else INT8_FLOAT),
+                                                "vit_attention")))
         result = export_onnx(info.name, checkpoint=checkpoint, random_weights=random_weights, output_dir=store,
-                             batch=profile.min if profile.fixed else None, quiet=quiet, class_names=class_names,
-                             category_ids=category_ids)
+                             batch=profile.min if profile.fixed else None, precision=precision,
+                             calibration=calibration, calibration_size=calibration_size, float_blocks=float_blocks,
+                             quiet=quiet, class_names=class_names, category_ids=category_ids)
         onnx_file, onnx_spec, has_metadata = result.path, result.spec, True
     else:
-        onnx_file = Path(onnx_path)
-        if not onnx_file.is_file():
-            raise FileNotFoundError(f"ONNX file not found: {onnx_file}")
-        steps(f"using {onnx_file}")
+        steps(f"using {onnx_file} ({precision})")
         onnx_spec, has_metadata = _onnx_spec(onnx_file, info.name)
         onnx_spec = spec_with_classes(onnx_spec, has_metadata, class_names, category_ids, onnx_file.name)
     onnx_digest = file_sha256(onnx_file)
@@ -456,10 +379,10 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
         gpu = cuda.Device(device_index)
         gpu_name, capability = gpu.name(), tuple(gpu.compute_capability())
 
-        # 2. parse
-        steps(f"parsing {onnx_file.name} with TensorRT {trt.__version__}")
+        # 2. parse into a strongly typed network: every tensor has the type the ONNX gives it
+        steps(f"parsing {onnx_file.name} with TensorRT {trt.__version__} (strongly typed)")
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        network = builder.create_network(network_flags(trt))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_file)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -477,7 +400,7 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
             final = final.with_name(artifact_name(info.name, precision, onnx_spec.random_weights, profile.min,
                                                   ".engine"))
 
-        # 3. configure
+        # 3. configure: no precision switches (the network is strongly typed), TF32 off so FP32 is FP32
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
         shapes = profile_shapes(onnx_spec.input_size, profile)
@@ -485,26 +408,9 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
         for name, (lo, opt, hi) in shapes.items():
             optimization.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(optimization)
-        tf32 = precision != "fp32" and not fp32_attention
-        if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        tf32 = False
+        if hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        fp32_layers: list[str] = []
-        if fp32_attention:
-            layers = [network.get_layer(i) for i in range(network.num_layers)]
-            chosen = select_fp32_layers((layer.name, layer.type.name) for layer in layers)
-            if not chosen:
-                raise RuntimeError(f"fp32_attention found no ViT attention layers matching {ATTENTION_NAME_PATTERN!r} "
-                                   f"in {onnx_file} (first layers: {[layer.name for layer in layers[:5]]}); "
-                                   "was it exported by deimv2-export?")
-            for i in chosen:
-                layer = layers[i]
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
-                fp32_layers.append(layer.name)
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         if timing_cache is not None:
             timing_cache = Path(timing_cache)
             cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -512,33 +418,11 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
                 cache = config.create_timing_cache(b"")
                 config.set_timing_cache(cache, False)
                 cautions.append(f"{timing_cache} did not match this GPU/TensorRT and was replaced")
-        calibrator = None
-        calibration_info = None
-        if precision == "int8":
-            batches = CalibrationBatches(calibration_paths, onnx_spec, calibration_batch_size(profile))
-            fingerprint = calibration_fingerprint(calibration_paths, onnx_spec, batches.batch_size, onnx_digest)
-            cache_path = store / f"{final.stem}.calib-{fingerprint[:12]}.cache"
-            calibration_info = {**batches.describe(), "cache": cache_path.name,
-                                "cache_reused": cache_path.is_file(), "algorithm": "entropy v2"}
-            config.set_flag(trt.BuilderFlag.INT8)
-            calibration_profile = builder.create_optimization_profile()
-            for name, (lo, _, _) in profile_shapes(onnx_spec.input_size, BatchProfile(*(batches.batch_size,) * 3)
-                                                   ).items():
-                calibration_profile.set_shape(name, lo, lo, lo)
-            config.set_calibration_profile(calibration_profile)
-            calibrator = _entropy_calibrator(trt, cuda, batches, cache_path)
-            config.int8_calibrator = calibrator
 
         # 4. build
         what = f"batch {profile}, workspace {workspace_gb:g} GB" + (", ViT attention FP32" if fp32_attention else "")
-        if calibration_info is not None and not calibration_info["cache_reused"]:
-            what += f", calibrating on {batches.used} images"
         steps(f"building the {precision.upper()} engine on {gpu_name} ({what}); this takes minutes")
-        try:
-            serialized = builder.build_serialized_network(network, config)
-        finally:
-            if calibrator is not None:
-                calibrator.free()
+        serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise RuntimeError(f"TensorRT could not build the {precision} engine for {onnx_file} (see the TensorRT "
                                "log above; rerun with verbose=True / --verbose for details)")
@@ -567,9 +451,9 @@ def export_tensorrt(variant: str, *, precision: str = "fp32", checkpoint: str | 
             build = build_settings(
                 precision=precision, profile=profile, workspace_gb=workspace_gb, tensorrt=trt.__version__,
                 device=gpu_name, compute_capability=capability, fp32_attention=fp32_attention,
-                fp32_layers=fp32_layers, tf32=tf32, calibration=calibration_info,
-                timing_cache=None if timing_cache is None else str(timing_cache),
-                onnx={"file": onnx_file.name, "sha256": onnx_digest, "metadata": has_metadata}, forced=force,
+                tf32=tf32, timing_cache=None if timing_cache is None else str(timing_cache),
+                onnx={"file": onnx_file.name, "sha256": onnx_digest, "metadata": has_metadata,
+                      "precision": precision, "build": onnx_spec.build.get("precision")}, forced=force,
                 warnings=cautions)
             spec = engine_spec(onnx_spec, precision, profile, build, parity, library_versions("tensorrt"))
             steps(f"writing {final} and {sidecar_path(final).name}")
