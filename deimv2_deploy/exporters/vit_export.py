@@ -118,16 +118,26 @@ def _describe(parity: dict[str, Any]) -> str:
 
 
 def _trace(graph: Any, spec: VitSpec, path: Path, opset: int, batch: int | None) -> None:
+    """Trace with a dynamic batch axis, then pin it to `batch` when one is given: tracing at a static batch
+    breaks DINOv3 configs without register tokens (an empty concat the tracer folds into a wrong shape)."""
     import torch
 
-    example = torch.from_numpy(parity_pixels(spec, batch or 2, seed=1))  # 2: nothing specialises on a batch of one
+    example = torch.from_numpy(parity_pixels(spec, 2, seed=1))  # 2: nothing specialises on a batch of one
     names = [*spec.input_names, *spec.output_names]
-    dynamic = None if batch else {n: {0: "N"} for n in names}
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # tracer warnings on python-int shapes: the parity check below is the proof
         torch.onnx.export(graph, (example,), str(path), input_names=list(spec.input_names),
-                          output_names=list(spec.output_names), dynamic_axes=dynamic, opset_version=opset,
-                          do_constant_folding=True, dynamo=False)
+                          output_names=list(spec.output_names), dynamic_axes={n: {0: "N"} for n in names},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    if batch:
+        import onnx
+
+        model = onnx.load(str(path))
+        for value in (*model.graph.input, *model.graph.output):
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_param")
+            dim.dim_value = batch
+        onnx.save(model, str(path))
 
 
 def _reference(graph: Any, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:

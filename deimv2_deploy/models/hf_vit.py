@@ -108,13 +108,22 @@ def load_vit_model(path: str | os.PathLike, family: str | None = None) -> tuple[
     except ImportError as e:
         raise RuntimeError("exporting DINOv3 / EoMT-DINOv3 needs transformers (and scipy for EoMT): "
                            "pip install 'transformers>=5.24,<6' scipy") from e
+    from transformers.utils import logging as hf_logging
+
     cls = getattr(transformers, VIT_FAMILIES[folder.family][1])
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would break our one-line errors and progress lines
+    hf_logging.set_verbosity_error()  # missing/unexpected keys are reported below, as errors
     try:
         model, info = cls.from_pretrained(str(folder.path), local_files_only=True, output_loading_info=True,
                                           attn_implementation="eager", dtype="float32")
     except ImportError as e:  # EoMT's loss imports scipy even for inference
         raise RuntimeError(f"building {cls.__name__} needs a library that is missing ({e}): pip install scipy") \
             from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     problems = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
