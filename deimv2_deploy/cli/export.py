@@ -1,4 +1,6 @@
-"""deimv2-export SIZE: the reference model in deploy mode -> ONNX -> OpenVINO IR | TensorRT engine."""
+"""deimv2-export SIZE: the reference model in deploy mode -> ONNX -> OpenVINO IR | TensorRT engine.
+
+deimv2-export dinov3|eomt --checkpoint FOLDER: a transformers DINOv3 ViT / EoMT-DINOv3 folder -> ONNX | OpenVINO IR."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,8 @@ import sys
 
 from deimv2_deploy.cli import run_cli
 from deimv2_deploy.variants import VARIANT_NAMES
+
+VIT_FAMILY_NAMES = ("dinov3", "eomt")  # models.hf_vit.VIT_FAMILIES (kept here: the parser imports no torch)
 
 __all__ = ["main", "build_parser"]
 
@@ -23,9 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
                "  deimv2-export s --format onnx --precision fp16\n"
                "  deimv2-export s --format onnx --precision int8 --calibration coco/  (Q/DQ, for TensorRT)\n"
                "  deimv2-export s --format openvino --precision int8 --calibration images/\n"
-               "  deimv2-export atto --checkpoint finetuned.pth --class-names cat,dog,bird --category-ids 1,5,9\n",
+               "  deimv2-export atto --checkpoint finetuned.pth --class-names cat,dog,bird --category-ids 1,5,9\n"
+               "  deimv2-export eomt --checkpoint coco_panoptic_eomt_large_640_dinov3/\n"
+               "  deimv2-export dinov3 --checkpoint dinov3-vits16-pretrain-lvd1689m/ --input-size 448\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("size", choices=[*VARIANT_NAMES, "all"], help="model size, or 'all'")
+    p.add_argument("size", choices=[*VARIANT_NAMES, "all", *VIT_FAMILY_NAMES], metavar="SIZE|FAMILY",
+                   help=f"DEIMv2 size ({', '.join(VARIANT_NAMES)}) or 'all'; or a model family exported from a "
+                        "transformers folder given by --checkpoint: dinov3 (DINOv3ViTModel features) or eomt "
+                        "(EomtDinov3ForUniversalSegmentation); their sizes come from the folder's config")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint",
                      help="official .pth/.safetensors, Hugging Face folder, or transformers folder "
@@ -50,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch", type=int, help="fix the batch size (default: dynamic)")
     batch.add_argument("--dynamic-batch", nargs="?", const="dynamic", metavar="MIN:OPT:MAX",
                        help="dynamic batch (the default); for TensorRT the profile range, e.g. 1:1:8")
+    p.add_argument("--input-size", type=_input_size, metavar="H[xW]",
+                   help="dinov3: the fixed image size of the graph (default: the config's image_size); "
+                        "EoMT's is fixed by its config")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--fp16", action="store_true", help="the same as --precision fp16 (ONNX)")
     p.add_argument("--calibration", help="INT8 calibration images (OpenVINO, TensorRT, ONNX Q/DQ): a folder of "
@@ -93,6 +105,32 @@ def _classes(args: argparse.Namespace) -> dict:
     if args.category_ids:
         ids = read_category_ids(args.category_ids)
     return {"class_names": names, "category_ids": ids}
+
+
+def _input_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H or HxW (e.g. 448 or 448x640), got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H or HxW (e.g. 448 or 448x640), got {text!r}")
+    return (values[0], values[-1])
+
+
+def _export_vit(args: argparse.Namespace):
+    """dinov3 / eomt: ONNX or OpenVINO IR (FP32) from a transformers folder."""
+    from deimv2_deploy.exporters.vit_export import VIT_FORMATS, export_vit
+
+    if args.checkpoint is None:
+        raise ValueError(f"{args.size} exports from a transformers folder: add --checkpoint FOLDER "
+                         "(config.json + model.safetensors)")
+    if args.format not in VIT_FORMATS:
+        raise ValueError(f"{args.size} exports to {' or '.join(VIT_FORMATS)} for now, not --format {args.format}")
+    if args.precision not in (None, "fp32") or args.fp16:
+        raise ValueError(f"{args.size} exports in FP32 for now: leave out --precision/--fp16")
+    return export_vit(args.size, args.checkpoint, output_dir=args.output_dir, fmt=args.format, opset=args.opset,
+                      batch=args.batch, input_size=args.input_size, quiet=args.quiet)
 
 
 def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,7 +268,21 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--dynamic-batch MIN:OPT:MAX is for --format tensorrt; "
                              "ONNX and OpenVINO artifacts are dynamic by default")
 
+    if args.size in VIT_FAMILY_NAMES and args.random_weights:
+        build_parser().error(f"{args.size} has no --random-weights: give --checkpoint FOLDER")
+    if args.size not in VIT_FAMILY_NAMES and args.input_size is not None:
+        build_parser().error("--input-size is for dinov3 (DEIMv2 sizes have fixed input sizes)")
+
     def body() -> int:
+        if args.size in VIT_FAMILY_NAMES:
+            result = _export_vit(args)
+            if args.json:
+                json.dump([{"path": str(result.path), "spec": result.spec.to_dict(), "parity": result.parity,
+                            "seconds": result.seconds}], sys.stdout, indent=2)
+                print()
+            else:
+                print(f"wrote {result.path}\n  {result.spec.describe()}  ({result.seconds:.1f} s)")
+            return 0
         sizes = list(VARIANT_NAMES) if args.size == "all" else [args.size]
         results = []
         for size in sizes:

@@ -79,10 +79,31 @@ def check_options(cls: type[Runtime], options: dict[str, Any]) -> None:
                      f"{', '.join(known) or 'none'}")
 
 
+def _vit_runtime(path: Path, backend: str | Backend | None, device: str, variant: str | None,
+                 options: dict[str, Any]) -> Any:
+    """A DINOv3 / EoMT runtime (runtimes.vit_runtime) when the artifact's metadata says it is one, else None."""
+    from deimv2_deploy.runtimes.vit_runtime import load_vit_runtime, read_vit_spec
+
+    spec = read_vit_spec(path)
+    if spec is None:
+        return None
+    if variant is not None:
+        raise ValueError(f"{path} is a {spec.family} artifact, not DEIMv2-{variant}: leave out the variant")
+    if device.lower() != "cpu":
+        raise ValueError(f"{spec.family} artifacts run on the CPU for now, not device {device!r}")
+    unknown = [k for k in options if k != "threads"]
+    if unknown:
+        raise ValueError(f"{spec.family} runtimes take only the option 'threads', not {unknown[0]!r}")
+    chosen = None if backend is None else Backend.parse(backend).value
+    return load_vit_runtime(path, chosen, threads=options.get("threads"), spec=spec)
+
+
 def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, device: str = "cpu",
                  variant: str | None = None, **options: Any) -> Runtime:
     """Load an artifact (or checkpoint) on the backend its file type implies, or the one named.
 
+    A DINOv3 or EoMT-DINOv3 artifact (`deimv2-export dinov3|eomt`) gives a Dinov3Runtime / EomtRuntime
+    (runtimes.vit_runtime): `predict(image)` returns Embeddings / a Segmentation.
     `variant` is needed only for files without deimv2-deploy metadata (official-exporter ONNX, checkpoints
     whose size cannot be recognised). Backend options (threads, streams, inference_precision...) pass through; an
     option the chosen backend does not take is a ValueError naming the ones it does.
@@ -90,6 +111,10 @@ def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"artifact not found: {p}")
+    if p.is_file() and p.suffix.lower() in (".onnx", ".xml"):
+        vit = _vit_runtime(p, backend, device, variant, options)
+        if vit is not None:
+            return vit
     possible = backend_for_path(p)
     chosen = Backend.parse(backend) if backend is not None else possible[0]
     if chosen not in possible:

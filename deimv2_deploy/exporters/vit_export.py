@@ -1,0 +1,274 @@
+"""deimv2-export dinov3 | eomt: a transformers folder -> ONNX (FP32) [-> OpenVINO IR], with a parity report.
+
+The graph is transformers' own forward, traced as it is, with transformers' I/O names: `pixel_values` float32
+(N, 3, H, W, normalised) -> DINOv3: `last_hidden_state` (N, 1 + R + P, D), `pooler_output` (N, D); EoMT:
+`class_queries_logits` (N, Q, C + 1), `masks_queries_logits` (N, Q, H/4, W/4). H and W are fixed (EoMT's grid
+is fixed by its config; DINOv3 at the size asked for), the batch is dynamic unless fixed. Post-processing stays out
+of the graph (runtimes/vit_runtime.py does the official one), so the outputs can be compared with transformers'.
+
+EoMT's masked attention is traced as the checkpoint sets it: probability 1 -> masked blocks, 0 -> plain blocks;
+a probability strictly between 0 and 1 (random per query) is refused (`check_masked_attention`).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deimv2_deploy.exporters.common import ExportResult, Steps, library_versions, resolve_store
+from deimv2_deploy.exporters.parity import ParityError
+from deimv2_deploy.files import atomic_write, file_sha256, work_folder
+from deimv2_deploy.spec import EXPORTER
+from deimv2_deploy.vit_spec import VitSpec
+
+__all__ = ["export_vit", "vit_spec_for", "vit_artifact_name", "VIT_FORMATS", "ATOL", "RTOL"]
+
+VIT_FORMATS = ("onnx", "openvino")
+# FP32 parity: |onnx - torch| <= ATOL + RTOL * max|torch| for every output
+ATOL, RTOL = 1e-4, 1e-4
+
+
+def vit_artifact_name(folder: Path, model_type: str, input_size: tuple[int, int], precision: str,
+                      batch: int | None, ext: str) -> str:
+    """<model_type>_<folder name>_<H>x<W>_<precision>[_b<N>]<ext>."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in folder.resolve().name) or "model"
+    return f"{model_type}_{stem}_{input_size[0]}x{input_size[1]}_{precision}{f'_b{batch}' if batch else ''}{ext}"
+
+
+def vit_spec_for(model: Any, folder: Any, input_size: tuple[int, int] | None = None, **fields: Any) -> VitSpec:
+    """The spec of an export of `model` (loaded from `folder`, a VitFolder)."""
+    config = model.config
+    patch = int(config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0])
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    if folder.family == "eomt":
+        from deimv2_deploy.models.hf_vit import check_masked_attention
+
+        if input_size is not None and tuple(input_size) != tuple(size):
+            raise ValueError(f"EoMT's patch grid is fixed by its config ({size[0]}x{size[1]}); --input-size "
+                             f"{input_size[0]}x{input_size[1]} cannot be used: leave it out")
+        fields.update(class_names=folder.class_names, num_queries=int(config.num_queries),
+                      masked_attention=check_masked_attention(model))
+    elif input_size is not None:
+        size = tuple(input_size)
+    if any(int(s) <= 0 or int(s) % patch for s in size):
+        raise ValueError(f"input size {size[0]}x{size[1]} must be positive multiples of the patch size {patch}")
+    return VitSpec(family=folder.family, model_type=folder.model_type, input_size=(int(size[0]), int(size[1])),
+                   patch_size=patch, hidden_size=int(config.hidden_size),
+                   num_register_tokens=int(config.num_register_tokens), **fields)
+
+
+def _graph_module(model: Any, spec: VitSpec) -> Any:
+    """transformers' model behind a module returning the graph's outputs as a tuple (in eval mode)."""
+    import torch
+
+    names = spec.output_names
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.model(pixel_values=pixel_values)
+            return tuple(getattr(out, n) for n in names)
+
+    # eval() on the wrapper too: torch.onnx.export restores the wrapper's mode afterwards, and a wrapper left in
+    # train mode would put transformers' model in train mode (EoMT then runs every masked block, RoPE jitters)
+    return Graph().eval()
+
+
+def parity_pixels(spec: VitSpec, count: int, seed: int = 0) -> np.ndarray:
+    """Deterministic normalised images (count, 3, H, W) as the preprocessing makes them: uint8 noise, /255, mean/std."""
+    rng = np.random.default_rng(seed)
+    h, w = spec.input_size
+    raw = rng.integers(0, 256, size=(count, 3, h, w)).astype(np.float32) / 255.0
+    mean = np.asarray(spec.mean, np.float32)[None, :, None, None]
+    std = np.asarray(spec.std, np.float32)[None, :, None, None]
+    return ((raw - mean) / std).astype(np.float32)
+
+
+def compare_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per output: max abs difference, the reference's max magnitude, the tolerance, ok."""
+    report: dict[str, Any] = {"atol": ATOL, "rtol": RTOL, "outputs": {}}
+    ok = True
+    for name, ref in want.items():
+        out = got[name]
+        if out.shape != ref.shape:
+            report["outputs"][name] = {"ok": False, "shape": list(out.shape), "expected_shape": list(ref.shape)}
+            ok = False
+            continue
+        diff = float(np.max(np.abs(out.astype(np.float64) - ref))) if ref.size else 0.0
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        tol = ATOL + RTOL * scale
+        report["outputs"][name] = {"max_abs_diff": diff, "max_abs_ref": scale, "tol": tol, "ok": diff <= tol}
+        ok = ok and diff <= tol
+    report["ok"] = ok
+    report["max_abs_diff"] = max((o.get("max_abs_diff", float("inf")) for o in report["outputs"].values()),
+                                 default=0.0)
+    return report
+
+
+def _describe(parity: dict[str, Any]) -> str:
+    parts = [f"{n} max |diff| {o['max_abs_diff']:.2e} (tol {o['tol']:.1e})" if "max_abs_diff" in o
+             else f"{n} shape {o['shape']} != {o['expected_shape']}" for n, o in parity["outputs"].items()]
+    return f"{'ok' if parity['ok'] else 'FAILED'}: " + ", ".join(parts)
+
+
+def _trace(graph: Any, spec: VitSpec, path: Path, opset: int, batch: int | None) -> None:
+    """Trace with a dynamic batch axis, then pin it to `batch` when one is given: tracing at a static batch
+    breaks DINOv3 configs without register tokens (an empty concat the tracer folds into a wrong shape)."""
+    import torch
+
+    example = torch.from_numpy(parity_pixels(spec, 2, seed=1))  # 2: nothing specialises on a batch of one
+    names = [*spec.input_names, *spec.output_names]
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings on python-int shapes: the parity check below is the proof
+        torch.onnx.export(graph, (example,), str(path), input_names=list(spec.input_names),
+                          output_names=list(spec.output_names), dynamic_axes={n: {0: "N"} for n in names},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    if batch:
+        import onnx
+
+        model = onnx.load(str(path))
+        for value in (*model.graph.input, *model.graph.output):
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_param")
+            dim.dim_value = batch
+        onnx.save(model, str(path))
+
+
+def _reference(graph: Any, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        outs = graph.eval()(torch.from_numpy(pixels))
+    return {n: o.float().numpy() for n, o in zip(spec.output_names, outs, strict=True)}
+
+
+def _run_onnx(path: Path, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip(spec.output_names, session.run(list(spec.output_names), {"pixel_values": pixels}), strict=True))
+
+
+def _write_onnx(src: Path, dst: Path, spec: VitSpec) -> None:
+    import onnx
+
+    model = onnx.load(str(src))
+    keep = [p for p in model.metadata_props if not p.key.startswith("deimv2.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in spec.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "deimv2-deploy"
+    onnx.save(model, str(dst))
+
+
+def _publish_onnx(work: Path, final: Path, spec: VitSpec) -> None:
+    def readable(tmps: list[Path]) -> None:
+        import onnx
+
+        try:
+            onnx.load(str(tmps[0]), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf decode errors have many types
+            raise OSError(f"{final} did not read back as ONNX ({type(e).__name__}): was the disk full?") from e
+
+    with atomic_write(final, verify=readable) as tmp:
+        _write_onnx(work, tmp, spec)
+
+
+def _openvino_model(onnx_path: Path) -> Any:
+    import openvino as ov
+
+    try:
+        return ov.convert_model(str(onnx_path))
+    except Exception as e:  # noqa: BLE001 - OpenVINO's conversion errors are pybind classes
+        said = next((line.strip() for line in str(e).splitlines() if "Conversion failed for" in line),
+                    " ".join(str(e).split())[:200])
+        raise RuntimeError(f"OpenVINO cannot convert this graph ({said}); use the ONNX export "
+                           "(--format onnx), which OpenVINO's runtime can also load") from None
+
+
+def _run_openvino(model: Any, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled({"pixel_values": pixels})
+    return {n: np.array(result[compiled.output(n)]) for n in spec.output_names}
+
+
+def _publish_openvino(model: Any, final: Path, spec: VitSpec) -> None:
+    """The IR (FP32 weights) with the spec in rt_info, .bin and .xml published together."""
+    import openvino as ov
+
+    for key, value in spec.to_metadata().items():
+        model.set_rt_info(value, [key])
+    with atomic_write(final, final.with_suffix(".bin")) as (xml, _):
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+
+
+def export_vit(family: str, checkpoint: str | os.PathLike, *, output_dir: str | os.PathLike | None = None,
+               fmt: str = "onnx", opset: int = 17, batch: int | None = None,
+               input_size: tuple[int, int] | None = None, quiet: bool = False) -> ExportResult:
+    """Export a transformers DINOv3 ViT (`family="dinov3"`) or EoMT-DINOv3 (`"eomt"`) folder to ONNX or OpenVINO IR
+    (FP32) in the model store; raises ParityError (writing nothing) when the export disagrees with transformers."""
+    from deimv2_deploy.models.hf_vit import VIT_FAMILIES, load_vit_model
+
+    if family not in VIT_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}: choose one of {', '.join(VIT_FAMILIES)}")
+    if fmt not in VIT_FORMATS:
+        raise ValueError(f"{family} exports to {' or '.join(VIT_FORMATS)} (FP32) for now, not {fmt!r}")
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be at least 1 (or None for dynamic), got {batch}")
+    steps = Steps(f"{fmt} {family}", 5 if fmt == "onnx" else 6, quiet)
+    steps(f"loading {checkpoint}")
+    model, folder = load_vit_model(checkpoint, family)
+    weights = f"{folder.path} (sha256 {file_sha256(folder.weights[0])[:16]})"
+    spec = vit_spec_for(model, folder, input_size, weights=weights, batch=batch, exporter=EXPORTER)
+    store = resolve_store(output_dir)
+    ext = ".onnx" if fmt == "onnx" else ".xml"
+    final = store / vit_artifact_name(folder.path, folder.model_type, spec.input_size, "fp32", batch, ext)
+    graph = _graph_module(model, spec)
+    with work_folder("deimv2-export-") as work:
+        traced = work / "model.onnx"
+        steps(f"tracing to ONNX (opset {opset}, {spec.input_size[0]}x{spec.input_size[1]}, "
+              f"batch {'dynamic' if batch is None else batch})")
+        _trace(graph, spec, traced, opset, batch)
+        steps("checking parity against transformers (ONNX Runtime, CPU)")
+        pixels = parity_pixels(spec, batch or 2)
+        reference = _reference(graph, spec, pixels)
+        parity = compare_outputs(_run_onnx(traced, spec, pixels), reference)
+        parity["against"] = f"transformers {_version('transformers')} {type(model).__name__} (CPU, FP32)"
+        parity["images"] = int(pixels.shape[0])
+        if not parity["ok"]:
+            raise ParityError(f"ONNX export of {folder.path} disagrees with transformers: {_describe(parity)}. "
+                              "Nothing was written; please report this with the command you ran")
+        versions = library_versions("torch", "transformers", "onnx", "onnxruntime")
+        if fmt == "openvino":
+            steps("converting to OpenVINO IR and checking it against transformers (CPU, FP32)")
+            ir = _openvino_model(traced)
+            ov_parity = compare_outputs(_run_openvino(ir, spec, pixels), reference)
+            if not ov_parity["ok"]:
+                raise ParityError(f"OpenVINO IR of {folder.path} disagrees with transformers: {_describe(ov_parity)}. "
+                                  "Nothing was written; please report this with the command you ran")
+            parity = {**parity, "openvino": ov_parity}
+            versions = {**versions, **library_versions("openvino")}
+        spec = spec.with_(parity=parity, versions=versions, build={"opset": opset, "format": fmt})
+        steps(f"writing {final}")
+        if fmt == "onnx":
+            _publish_onnx(traced, final, spec)
+        else:
+            _publish_openvino(ir, final, spec)
+    steps("done")
+    if not quiet:
+        print(f"parity vs transformers: {_describe(parity)}", flush=True)
+    return ExportResult(final, spec, parity, steps.elapsed)
+
+
+
+def _version(name: str) -> str:
+    return library_versions(name).get(name, "?")

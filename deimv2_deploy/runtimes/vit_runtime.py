@@ -1,0 +1,255 @@
+"""Runtimes for DINOv3 ViT (embeddings) and EoMT-DINOv3 (segmentation) artifacts, torch-free.
+
+    from deimv2_deploy.runtimes import load_runtime
+    seg = load_runtime("models/eomt_dinov3_coco_640x640_fp32.onnx").predict(cv2.imread("street.jpg"))
+    seg.semantic        # (H, W) class index per pixel
+    seg.instances       # top-100 overlapping masks, scores, labels (the official instance output)
+
+The graph (pixel_values -> transformers' outputs) runs on ONNX Runtime or OpenVINO; the spec in the artifact's
+metadata (vit_spec.py) gives the input size and normalisation; segmentation.py holds the official EoMT pre- and
+post-processing. The detector's Runtime (base.py) has a different graph contract, so these are their own classes.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deimv2_deploy.embeddings import Embeddings
+from deimv2_deploy.errors import BackendUnavailableError
+from deimv2_deploy.preprocess import as_rgb_uint8, image_list, resize_like_pil
+from deimv2_deploy.segmentation import (
+    TOP_K_INSTANCES,
+    Segmentation,
+    instance_canvas,
+    instances_from_outputs,
+    semantic_from_windows,
+    semantic_windows,
+)
+from deimv2_deploy.vit_spec import VIT_METADATA_KEY, VitSpec
+
+__all__ = ["VitRuntime", "Dinov3Runtime", "EomtRuntime", "read_vit_spec", "load_vit_runtime", "EOMT_TASKS",
+           "VIT_BACKENDS"]
+
+EOMT_TASKS = ("semantic", "instance")
+VIT_BACKENDS = ("onnxruntime", "openvino")
+
+
+def read_vit_spec(path: str | os.PathLike) -> VitSpec | None:
+    """The VitSpec an .onnx / .xml artifact carries, or None (a detector artifact, or no deimv2 metadata)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    text = None
+    if suffix == ".onnx":
+        try:
+            import onnx
+        except ImportError:  # onnx comes with the export extra; onnxruntime is always there (builds a session)
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            text = dict(session.get_modelmeta().custom_metadata_map).get(VIT_METADATA_KEY)
+        else:
+            try:
+                proto = onnx.load(str(p), load_external_data=False)
+            except Exception:  # noqa: BLE001 - not readable as ONNX: the detector path gives the clear error
+                return None
+            text = {m.key: m.value for m in proto.metadata_props}.get(VIT_METADATA_KEY)
+    elif suffix == ".xml":
+        try:
+            import openvino as ov
+        except ImportError:
+            return None
+        try:
+            model = ov.Core().read_model(str(p))
+        except Exception:  # noqa: BLE001 - the detector path reports unreadable IR
+            return None
+        if model.has_rt_info([VIT_METADATA_KEY]):
+            text = str(model.get_rt_info([VIT_METADATA_KEY]).astype(str))
+    return None if text is None else VitSpec.from_metadata({VIT_METADATA_KEY: text})
+
+
+class _OrtGraph:
+    def __init__(self, path: Path, threads: int | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from e
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def __call__(self, pixel_values: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        return self.session.run(list(names), {"pixel_values": pixel_values})
+
+
+class _OpenVinoGraph:
+    def __init__(self, path: Path, threads: int | None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise BackendUnavailableError("openvino is not installed: pip install openvino") from e
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # FP32 artifacts run in FP32 (no bf16 on AMX)
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        # a port may carry several tensor names (the ONNX name among them): report the one the graph contract uses
+        wanted = ("pixel_values", "last_hidden_state", "pooler_output", "class_queries_logits", "masks_queries_logits")
+
+        def name(port: Any) -> str:
+            return next((n for n in wanted if n in port.get_names()), port.get_any_name())
+
+        self.input_names = tuple(name(p) for p in self.compiled.inputs)
+        self.output_names = tuple(name(p) for p in self.compiled.outputs)
+
+    def __call__(self, pixel_values: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        result = self.compiled({"pixel_values": pixel_values})
+        return [np.array(result[self.compiled.output(n)]) for n in names]  # copies: never the request's buffers
+
+
+class VitRuntime:
+    """A DINOv3 / EoMT artifact on ONNX Runtime or OpenVINO (CPU): the graph, its spec and its preprocessing."""
+
+    def __init__(self, path: str | os.PathLike, spec: VitSpec | None = None, backend: str = "onnxruntime",
+                 threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"artifact not found: {self.path}")
+        spec = spec or read_vit_spec(self.path)
+        if spec is None:
+            raise ValueError(f"{self.path} carries no DINOv3/EoMT metadata: export it with "
+                             "`deimv2-export dinov3|eomt --checkpoint FOLDER`")
+        backend = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino"}.get(backend, backend)
+        if backend not in VIT_BACKENDS:
+            raise ValueError(f"DINOv3/EoMT artifacts run on {' or '.join(VIT_BACKENDS)}, not {backend!r}")
+        if backend == "onnxruntime" and self.path.suffix.lower() != ".onnx":
+            raise ValueError(f"onnxruntime cannot load {self.path.suffix} files; use backend='openvino'")
+        self.spec, self.backend = spec, backend
+        self.graph = (_OrtGraph if backend == "onnxruntime" else _OpenVinoGraph)(self.path, threads)
+        if tuple(self.graph.input_names) != spec.input_names or set(self.graph.output_names) != set(spec.output_names):
+            raise ValueError(f"{self.path} has inputs {list(self.graph.input_names)} and outputs "
+                             f"{list(self.graph.output_names)}, not the {spec.family} graph its metadata describes")
+        self.max_batch = spec.batch or 8
+        self._mean = np.asarray(spec.mean, np.float32)[:, None, None]
+        self._std = np.asarray(spec.std, np.float32)[:, None, None]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "family": self.spec.family, "precision": self.spec.precision,
+                "input_size": list(self.spec.input_size)}
+
+    # --- the graph -------------------------------------------------------------------------------------
+    def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """pixel_values float32 (N, 3, H, W), normalised -> the graph's outputs by name (numpy)."""
+        h, w = self.spec.input_size
+        if not isinstance(pixel_values, np.ndarray) or pixel_values.dtype != np.float32:
+            raise ValueError(f"pixel_values must be a float32 numpy array, got "
+                             f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)}")
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, h, w) or pixel_values.shape[0] < 1:
+            raise ValueError(f"this {self.spec.family} artifact takes pixel_values of shape (N, 3, {h}, {w}), got "
+                             f"{pixel_values.shape}; pass images to predict() to have them resized, or re-export "
+                             "with --input-size")
+        if self.spec.batch is not None and pixel_values.shape[0] != self.spec.batch:
+            raise ValueError(f"this artifact has a fixed batch of {self.spec.batch}, got {pixel_values.shape[0]}")
+        names = self.spec.output_names
+        return dict(zip(names, self.graph(np.ascontiguousarray(pixel_values), names), strict=True))
+
+    def _infer_many(self, rgb_inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Run (H, W, 3) uint8 RGB images already at the input size, in batches; outputs concatenated."""
+        step = self.spec.batch or self.max_batch
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(rgb_inputs), step):
+            chunk = rgb_inputs[start:start + step]
+            pixels = np.stack([self.normalize(x) for x in chunk])
+            if self.spec.batch is not None and len(chunk) < self.spec.batch:  # pad a fixed batch; dropped below
+                pixels = np.concatenate([pixels, np.repeat(pixels[-1:], self.spec.batch - len(chunk), 0)])
+            out = self.infer(pixels)
+            parts.append({k: v[:len(chunk)] for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (3, H, W) float32: /255, then mean/std."""
+        x = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+        return ((x - self._mean) / self._std).astype(np.float32)
+
+
+class Dinov3Runtime(VitRuntime):
+    """DINOv3 ViT features: `predict(image)` -> Embeddings (a list for a list of images)."""
+
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], color: str = "bgr") -> Embeddings | list[Embeddings]:
+        """Images uint8 (H, W, 3), BGR unless color="rgb", any size: resized to the input size (ignoring aspect,
+        as transformers' DINOv3 image processor does), /255, ImageNet mean/std."""
+        items, single = image_list(images)
+        rgbs = [as_rgb_uint8(x, color) for x in items]
+        sizes = [x.shape[:2] for x in rgbs]
+        out = self._infer_many([resize_like_pil(x, self.spec.input_size) for x in rgbs])
+        hidden, pooled = out["last_hidden_state"], out["pooler_output"]
+        rows, cols = self.spec.grid
+        r = self.spec.num_register_tokens
+        if hidden.shape[1] != 1 + r + rows * cols:
+            raise ValueError(f"{self.path}: last_hidden_state has {hidden.shape[1]} tokens, expected 1 + {r} + "
+                             f"{rows * cols}: the artifact does not match its metadata")
+        results = [Embeddings(cls=hidden[i, 0].copy(), registers=hidden[i, 1:1 + r].copy(),
+                              patches=hidden[i, 1 + r:].reshape(rows, cols, -1).copy(), pooled=pooled[i].copy(),
+                              image_size=(int(sizes[i][0]), int(sizes[i][1]))) for i in range(len(items))]
+        return results[0] if single else results
+
+
+class EomtRuntime(VitRuntime):
+    """EoMT-DINOv3 segmentation: `predict(image)` -> Segmentation (semantic map and instance segments)."""
+
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: Sequence[str] = EOMT_TASKS,
+                color: str = "bgr", top_k: int = TOP_K_INSTANCES) -> Segmentation | list[Segmentation]:
+        """Images uint8 (H, W, 3), BGR unless color="rgb", any size. `tasks`: "semantic" (official sliding windows)
+        and/or "instance" (official top-k over (query, class) pairs); each task runs its own official preprocessing,
+        so asking for both costs two passes."""
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        unknown = [t for t in tasks if t not in EOMT_TASKS]
+        if unknown or not tasks:
+            bad = unknown[0] if unknown else "(none)"
+            raise ValueError(f"unknown task {bad!r}: choose from {', '.join(EOMT_TASKS)}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        items, single = image_list(images)
+        rgbs = [as_rgb_uint8(x, color) for x in items]
+        size = self.spec.input_size[0]
+        names = self.spec.class_names
+        semantic: list[np.ndarray | None] = [None] * len(rgbs)
+        instances: list[Any] = [None] * len(rgbs)
+        if "semantic" in tasks:
+            windows, layout = [], []
+            for rgb in rgbs:
+                w, spans, scaled = semantic_windows(rgb, size)
+                layout.append((len(windows), len(w), spans, scaled))
+                windows.extend(w)
+            out = self._infer_many(windows)
+            for i, (first, count, spans, scaled) in enumerate(layout):
+                sl = slice(first, first + count)
+                semantic[i] = semantic_from_windows(out["class_queries_logits"][sl], out["masks_queries_logits"][sl],
+                                                    spans, scaled, rgbs[i].shape[:2], size)
+        if "instance" in tasks:
+            canvases = [instance_canvas(rgb, size) for rgb in rgbs]
+            out = self._infer_many([c for c, _ in canvases])
+            for i, (_, scaled) in enumerate(canvases):
+                instances[i] = instances_from_outputs(out["class_queries_logits"][i], out["masks_queries_logits"][i],
+                                                      scaled, rgbs[i].shape[:2], size, top_k, names)
+        results = [Segmentation((int(r.shape[0]), int(r.shape[1])), names, semantic[i], instances[i])
+                   for i, r in enumerate(rgbs)]
+        return results[0] if single else results
+
+
+def load_vit_runtime(path: str | os.PathLike, backend: str | None = None, threads: int | None = None,
+                     spec: VitSpec | None = None) -> VitRuntime:
+    """The runtime of a DINOv3 (Dinov3Runtime) or EoMT (EomtRuntime) artifact; backend from the file type."""
+    p = Path(path)
+    spec = spec or read_vit_spec(p)
+    if spec is None:
+        raise ValueError(f"{p} carries no DINOv3/EoMT metadata: export it with "
+                         "`deimv2-export dinov3|eomt --checkpoint FOLDER`")
+    backend = backend or ("openvino" if p.suffix.lower() == ".xml" else "onnxruntime")
+    cls = EomtRuntime if spec.family == "eomt" else Dinov3Runtime
+    return cls(p, spec, backend, threads)
