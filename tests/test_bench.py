@@ -481,3 +481,25 @@ def test_int8_rows_calibrate_on_the_accuracy_dataset(person_dataset, tmp_path):
     assert select_calibration_images(calibration_folder(config, tmp_path), 300) == sorted(images.glob("*.png"))
     assert calibration_folder(fake_config(accuracy_images=str(images), accuracy_annotations=str(ann),
                                           calibration=str(ann)), tmp_path) == str(ann)
+
+
+def test_a_given_checkpoint_gets_its_own_store_folder(tmp_path):
+    """--checkpoint FILE: the weights of that file, exported into a store folder keyed by its digest, so artifacts
+    of another checkpoint with the same size and precision are never reused for it."""
+    from deimv2_deploy.benchmarks.artifacts import checkpoint_for
+
+    a, b = tmp_path / "model.pth", tmp_path / "other" / "model.pth"
+    b.parent.mkdir()
+    a.write_bytes(b"weights a")
+    b.write_bytes(b"weights b")
+    config_a = BenchConfig(sizes=("atto",), checkpoint=str(a), checkpoint_dir=str(tmp_path / "store"))
+    config_b = BenchConfig(sizes=("atto",), checkpoint=str(b), checkpoint_dir=str(tmp_path / "store"))
+    assert config_a.store.parent == tmp_path / "store" and config_a.store.name.startswith("bench-model-")
+    assert config_a.store != config_b.store
+    assert checkpoint_for("atto", config_a) == a and config_a.to_dict()["checkpoint"] == str(a)
+    with pytest.raises(ValueError, match="one size"):
+        BenchConfig(sizes=("atto", "n"), checkpoint=str(a))
+    with pytest.raises(ValueError, match="contradict"):
+        BenchConfig(sizes=("atto",), checkpoint=str(a), random_weights=True)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        BenchConfig(sizes=("atto",), checkpoint=str(tmp_path / "missing.pth"))

@@ -163,9 +163,12 @@ def artifact_precision(key: RowKey) -> str:
 
 # --- the weights ---------------------------------------------------------------------------------------------
 def checkpoint_for(size: str, config: BenchConfig) -> Path | None:
-    """The official checkpoint of `size`, None with --random-weights; Skip when there is none."""
+    """--checkpoint, else the official checkpoint of `size` in the store, None with --random-weights; Skip when
+    there is none."""
     if config.random_weights:
         return None
+    if config.checkpoint is not None:
+        return Path(config.checkpoint)
     from deimv2_deploy.models.checkpoint import find_checkpoint
 
     try:

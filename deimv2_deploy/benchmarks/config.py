@@ -48,6 +48,8 @@ class BenchConfig:
     video: str | None = None
     random_weights: bool = False
     checkpoint_dir: str | None = None  # official checkpoints; also where artifacts are exported to and reused from
+    checkpoint: str | None = None  # one size's weights file (e.g. a deimv2-train release): its artifacts get a store
+    # folder of their own (keyed by the file's digest) so another checkpoint's are never reused
     calibration: str | None = None  # INT8 calibration: images or a COCO dataset (default: the accuracy dataset, or
     # synthetic scenes with random weights)
     parity: bool = True
@@ -105,6 +107,13 @@ class BenchConfig:
                 raise ValueError("--max-images bounds the accuracy dataset: add --accuracy")
             if self.max_images < 1:
                 raise ValueError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.checkpoint is not None:
+            if self.random_weights:
+                raise ValueError("--checkpoint and --random-weights contradict each other: pass one")
+            if len(self.sizes) != 1:
+                raise ValueError(f"--checkpoint holds the weights of one size; got --sizes {','.join(self.sizes)}")
+            if not Path(self.checkpoint).exists():
+                raise FileNotFoundError(f"--checkpoint {self.checkpoint}: no such file or folder")
         if self.mode == "video":
             if not self.video:
                 raise ValueError("--mode video needs --video PATH (a video file)")
@@ -129,16 +138,26 @@ class BenchConfig:
 
     @property
     def store(self) -> Path:
-        """The model store: --checkpoint-dir, else $DEIMV2_MODELS, else ./models."""
+        """The model store: --checkpoint-dir, else $DEIMV2_MODELS, else ./models; with --checkpoint FILE, its
+        folder `bench-<file stem>-<digest>` in there."""
         from deimv2_deploy.exporters.common import resolve_store
 
-        return resolve_store(self.checkpoint_dir)
+        root = resolve_store(self.checkpoint_dir)
+        if self.checkpoint is None:
+            return root
+        path = Path(self.checkpoint)
+        if path.is_dir():
+            return root / f"bench-{path.name}"
+        from deimv2_deploy.files import file_sha256
+
+        return root / f"bench-{path.stem}-{file_sha256(path)[:12]}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes), "backends": list(self.backends), "precisions": list(self.precisions),
                 "device": self.device, "batches": list(self.batches), "threads": self.threads_used,
                 "warmup": self.warmup, "iters": self.iters, "seconds": self.seconds, "mode": self.mode,
                 "video": self.video, "random_weights": self.random_weights, "checkpoint_dir": self.checkpoint_dir,
+                "checkpoint": self.checkpoint,
                 "calibration": self.calibration, "parity": self.parity, "interleave": self.interleave,
                 "accuracy": None if not self.accuracy else {"images": self.accuracy_images,
                                                             "annotations": self.accuracy_annotations,

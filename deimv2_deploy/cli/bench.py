@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic untrained weights (latency is the same; detections are meaningless)")
     p.add_argument("--checkpoint-dir", help="model store with the official checkpoints; exported artifacts are "
                                             "written and reused here (default: $DEIMV2_MODELS or ./models)")
+    p.add_argument("--checkpoint", help="the weights of the one size benchmarked (a .pth, e.g. deimv2-train "
+                                        "--release, or a transformers folder); its artifacts are exported to "
+                                        "a folder of their own in the store")
     p.add_argument("--calibration", help="INT8 calibration (OpenVINO/TensorRT): a folder of images or a COCO-format "
                                          "dataset (its folder or annotation .json); default: the --accuracy dataset's "
                                          "images, else with --random-weights synthetic scenes")
@@ -154,6 +157,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         precisions=tuple(dict.fromkeys(_split(args.precision))), device=args.device, batches=args.batch,
         threads=args.threads, warmup=args.warmup, iters=args.iters, seconds=args.seconds, mode=args.mode,
         video=args.video, random_weights=args.random_weights, checkpoint_dir=args.checkpoint_dir,
+        checkpoint=args.checkpoint,
         calibration=args.calibration, parity=not args.no_parity, progress=not args.quiet,
         keep_samples=not args.no_samples, command=command, interleave=args.interleave,
         accuracy_images=None if dataset is None else str(dataset.images_dir),
