@@ -169,6 +169,7 @@ class BenchRow:
     weights: str | None = None
     random_weights: bool | None = None
     notes: list[str] = field(default_factory=list)  # how the artifact was made (export time, calibration...)
+    executed_precision: str | None = None  # what really ran (runtime.describe()): "fp32", "bf16", "int8+f32"...
 
     @property
     def key(self) -> RowKey:
@@ -188,7 +189,7 @@ class BenchRow:
             "peak_rss_mb": self.peak_rss_mb, "load_1m": self.load_1m, "speedup_vs_torch": self.speedup_vs_torch,
             "parity": self.parity,
             "stages_ms": None if self.stages is None else {k: v.to_dict() for k, v in self.stages.items()},
-            "notes": list(self.notes), "samples_ms": self.samples_ms,
+            "notes": list(self.notes), "samples_ms": self.samples_ms, "executed_precision": self.executed_precision,
         }
 
 
