@@ -189,7 +189,8 @@ def test_json_schema_is_stable(fake_result, tmp_path):
     row_keys = {"size", "backend", "precision", "batch", "mode", "tier", "device", "device_name", "threads", "status",
                 "reason", "artifact", "artifact_reused", "prepare_s", "backend_version", "weights", "random_weights",
                 "load_s", "first_ms", "warmup", "iters", "latency_ms", "fps", "throughput_ips", "rss_mb",
-                "peak_rss_mb", "load_1m", "speedup_vs_torch", "parity", "stages_ms", "notes", "samples_ms", "accuracy"}
+                "peak_rss_mb", "load_1m", "speedup_vs_torch", "parity", "stages_ms", "notes", "samples_ms", "accuracy",
+                "executed_precision"}
     for row in data["rows"]:
         assert set(row) == row_keys
         assert set(row["latency_ms"]) == {"count", "mean", "std", "min", "p50", "p90", "p99", "max", "total_s"}

@@ -437,7 +437,7 @@ def test_predict_explains_none_and_empty_images_and_clips_boxes(atto_onnx):
 def test_unknown_runtime_options_are_errors_naming_the_known_ones(atto_onnx):
     from deimv2_deploy.runtimes import load_runtime
 
-    with pytest.raises(ValueError, match=r"no option 'precison'.*did you mean 'inference_precision'.*threads"):
+    with pytest.raises(ValueError, match=r"no option 'precison'.*did you mean 'precision'.*threads"):
         load_runtime(atto_onnx.path, backend="openvino", precison="bf16")
     with pytest.raises(ValueError, match=r"onnxruntime backend has no option 'streams'.*spinning"):
         load_runtime(atto_onnx.path, streams=2)

@@ -110,6 +110,11 @@ OFFICIAL_ONNX = ArtifactFormat("official-style ONNX", ".onnx", _export_official,
 _OPENVINO_CPU = "OpenVINO targets CPUs and Intel GPUs, not CUDA devices: use --device cpu"
 _TENSORRT_GPU = "TensorRT runs only on NVIDIA GPUs: use --device cuda"
 _OFFICIAL = "official-style export (plain trace, dynamic batch), stock runtime settings"
+_STOCK_OPENVINO = ("stock OpenVINO: compile_model(model, 'CPU') with only INFERENCE_NUM_THREADS set, so the CPU's "
+                   "default precision applies (bf16 on AMX CPUs)")
+_AUTO = ("precision policy 'auto' on the FP32 IR: bf16 where the CPU runs it natively, else fp32 "
+         "(deimv2_deploy.precision)")
+_RUNS_ITS_ARTIFACT = "{} runs the artifact's own precision (no bf16 arithmetic on CPU): its auto row is the fp32 row"
 
 # (backend column, precision) -> how to run it, or why there is no such row
 ROW_KINDS: dict[tuple[str, str], RowKind | str] = {
@@ -124,6 +129,17 @@ ROW_KINDS: dict[tuple[str, str], RowKind | str] = {
     ("openvino", "fp32"): RowKind("openvino", OPENVINO_IR, tier="CPU", tier_reason=_OPENVINO_CPU),
     ("openvino", "fp16"): RowKind("openvino", OPENVINO_IR, tier="CPU", tier_reason=_OPENVINO_CPU),
     ("openvino", "int8"): RowKind("openvino", OPENVINO_IR, calibrated=True, tier="CPU", tier_reason=_OPENVINO_CPU),
+    # the precision policy on the FP32 IR: auto (bf16 where native, else fp32) and bf16 forced
+    ("openvino", "auto"): RowKind("openvino", OPENVINO_IR, artifact_precision="fp32", options={"precision": "auto"},
+                                  tier="CPU", tier_reason=_OPENVINO_CPU, notes=(_AUTO,)),
+    ("openvino", "bf16"): RowKind("openvino", OPENVINO_IR, artifact_precision="fp32", options={"precision": "bf16"},
+                                  tier="CPU", tier_reason=_OPENVINO_CPU),
+    ("torch", "auto"): "PyTorch eager runs FP32 on CPU: its auto row is the fp32 row",
+    ("torch", "bf16"): "no bf16 PyTorch eager rows (bf16 is timed through OpenVINO)",
+    ("onnxruntime", "auto"): _RUNS_ITS_ARTIFACT.format("ONNX Runtime"),
+    ("onnxruntime", "bf16"): "ONNX Runtime's CPU provider has no bf16 arithmetic (bf16 is timed through OpenVINO)",
+    ("tensorrt", "auto"): _RUNS_ITS_ARTIFACT.format("TensorRT"),
+    ("tensorrt", "bf16"): "no bf16 TensorRT rows (fp16/int8 engines)",
     ("tensorrt", "fp32"): RowKind("tensorrt", TENSORRT_ENGINE, tier="GPU", tier_reason=_TENSORRT_GPU),
     ("tensorrt", "fp16"): RowKind("tensorrt", TENSORRT_ENGINE, tier="GPU", tier_reason=_TENSORRT_GPU),
     ("tensorrt", "int8"): RowKind("tensorrt", TENSORRT_ENGINE, calibrated=True, tier="GPU",
@@ -131,11 +147,11 @@ ROW_KINDS: dict[tuple[str, str], RowKind | str] = {
     # the baselines: the official exporter's ONNX of the same model, each library as a stock user runs it
     ("onnxruntime-official", "fp32"): RowKind("onnxruntime", OFFICIAL_ONNX, pass_variant=True, notes=(_OFFICIAL,),
                                               baseline=True),
-    ("openvino-official", "fp32"): RowKind("openvino", OFFICIAL_ONNX, options={"fixed_batch_one": False},
+    ("openvino-official", "fp32"): RowKind("openvino", OFFICIAL_ONNX, options={"stock": True},
                                            pass_variant=True, tier="CPU", tier_reason=_OPENVINO_CPU,
-                                           notes=(_OFFICIAL,), baseline=True),
-    **{(backend, p): "the official exporter makes FP32 ONNX only" for backend in OFFICIAL_BACKENDS
-       for p in ("fp16", "int8")},
+                                           notes=(_OFFICIAL, _STOCK_OPENVINO), baseline=True),
+    **{(backend, p): "the official exporter makes FP32 ONNX only; its stock row is fp32" for backend in
+       OFFICIAL_BACKENDS for p in ("fp16", "int8", "auto", "bf16")},
 }
 PRECISIONS = tuple(dict.fromkeys(precision for _, precision in ROW_KINDS))
 

@@ -209,6 +209,7 @@ class BenchRow:
     random_weights: bool | None = None
     notes: list[str] = field(default_factory=list)  # how the artifact was made (export time, calibration...)
     accuracy: dict[str, Any] | None = None  # --accuracy: AP, AP50, AP75 on the dataset (or the error), see accuracy.py
+    executed_precision: str | None = None  # what really ran (runtime.describe()): "fp32", "bf16", "int8+f32"...
 
     @property
     def key(self) -> RowKey:
@@ -229,6 +230,7 @@ class BenchRow:
             "parity": self.parity,
             "stages_ms": None if self.stages is None else {k: v.to_dict() for k, v in self.stages.items()},
             "notes": list(self.notes), "samples_ms": self.samples_ms, "accuracy": self.accuracy,
+            "executed_precision": self.executed_precision,
         }
 
 

@@ -112,7 +112,9 @@ def _finish_row(row: BenchRow, key: RowKey, runtime: Runtime, timing: Timing, gr
         row.load_1m = (load_average() or [None])[0]
         # outputs on the fixed parity input (graph-only timing: the timed input itself; other modes read JPEGs,
         # images or video frames, so one more untimed call on the exact input the PyTorch reference saw)
-        executed = runtime.describe().get("inference_precision")  # the arithmetic that really ran
+        described = runtime.describe()
+        executed = described.get("inference_precision")  # the arithmetic that really ran
+        row.executed_precision = described.get("executed_precision")
         outputs = None
         if config.parity or key.backend == "torch":
             outputs = (timing.output if graph_only and config.mode in ("model", "predict")

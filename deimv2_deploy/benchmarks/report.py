@@ -22,7 +22,7 @@ __all__ = ["to_markdown", "to_csv", "write_markdown", "write_csv", "write_json",
 STAT_KEYS = ("mean", "std", "min", "p50", "p90", "p99", "max")
 _ROW_SCALARS = ("size", "backend", "precision", "batch", "mode", "tier", "device", "device_name", "threads", "status",
                 "reason", "artifact", "artifact_reused", "prepare_s", "backend_version", "random_weights", "load_s",
-                "first_ms", "warmup", "iters")
+                "first_ms", "warmup", "iters", "executed_precision")
 _STAGES = ("read", "preprocess", "infer", "postprocess")
 CSV_FIELDS = (
     ("schema_version",) + _ROW_SCALARS + tuple(f"{k}_ms" for k in STAT_KEYS)
@@ -149,6 +149,12 @@ def _accuracy_note(row: dict[str, Any]) -> str | None:
     return "; ".join(acc.get("notes") or []) or None
 
 
+def _precision_cell(row: dict[str, Any]) -> str:
+    """The row's precision, and what really ran (read from the runtime) where that is another word."""
+    executed = row.get("executed_precision")
+    return row["precision"] if executed in (None, row["precision"]) else f"{row['precision']} (ran {executed})"
+
+
 def _cells(row: dict[str, Any], accuracy: bool = False) -> list[str]:
     lat = row.get("latency_ms") or {}
     ok = row["status"] == "ok"
@@ -162,7 +168,7 @@ def _cells(row: dict[str, Any], accuracy: bool = False) -> list[str]:
         notes.append(_accuracy_note(row))
     note = "; ".join(notes)
     return [
-        f"{row['tier']} · {row['device_name']}", row["size"], row["backend"], row["precision"], str(row["batch"]),
+        f"{row['tier']} · {row['device_name']}", row["size"], row["backend"], _precision_cell(row), str(row["batch"]),
         row["status"], f"{row['iters']}+{row['warmup']}w" if ok else "–",
         *(_num(lat.get(k)) if ok else "–" for k in STAT_KEYS),
         _num(row.get("fps")), _num(row.get("throughput_ips")),

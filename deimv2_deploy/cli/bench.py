@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of torch onnxruntime openvino tensorrt, or 'all' "
                         "(default torch,onnxruntime,openvino); onnxruntime-official and openvino-official run "
                         "the official-style export of the same model (the baselines)")
-    p.add_argument("--precision", default="fp32", help="comma list of fp32 fp16 int8 (default fp32)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma list of fp32 fp16 int8 auto bf16 (default fp32); auto/bf16: OpenVINO on the FP32 IR "
+                        "with the precision policy (bf16 where the CPU runs it natively); every row reports the "
+                        "precision that really ran")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: one tier per run (default cpu)")
     p.add_argument("--batch", type=_batches, default=(1,), help="comma list of batch sizes (default 1)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads per backend (default: all usable cores)")

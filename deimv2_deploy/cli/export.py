@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a transformers checkpoint: the official DEIMv2 graph, or transformers' own (ONNX only); "
                         "auto: transformers' only when the folder was fine-tuned inside transformers "
                         "(docs/transformers.md)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "auto"],
                    help="ONNX: fp16 (FP16 compute, sensitive blocks FP32) or int8 (explicit symmetric Q/DQ, what "
                         "TensorRT 11 builds from); OpenVINO/TensorRT: the artifact's precision (TensorRT: that of "
-                        "the ONNX it is built from). Default fp32, or that of the --onnx file for TensorRT")
+                        "the ONNX it is built from). Default fp32, or that of the --onnx file for TensorRT. auto "
+                        "(ONNX/OpenVINO): int8 when --calibration is given, else fp32, whose arithmetic (bf16 on "
+                        "CPUs that run it natively) the runtime chooses at load time with --precision auto")
     p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
     p.add_argument("--opset", type=int, default=17)
     batch = p.add_mutually_exclusive_group()
@@ -160,6 +162,20 @@ def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
                        help="inference threads per instance (ONNX Runtime intra-op / OpenVINO threads)")
     group.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
                        help=f"longest wait for a batch to fill, microseconds (default {DEFAULT_QUEUE_DELAY_US})")
+
+
+def auto_export_precision(fmt: str, calibration: str | None) -> tuple[str, str]:
+    """(precision, why) that `--precision auto` exports: bf16 is not a file format but an arithmetic OpenVINO
+    chooses at load time, so a CPU artifact is FP32, or INT8 when calibration images were given."""
+    if fmt not in ("onnx", "openvino"):
+        raise ValueError(f"--precision auto is for CPU artifacts (--format onnx or openvino), not {fmt}: choose "
+                         "fp32, fp16 or int8")
+    if calibration is not None:
+        if fmt == "onnx":
+            raise ValueError("--calibration with --precision auto makes an INT8 OpenVINO IR: add --format openvino")
+        return "int8", "calibration images given: INT8 (fast on CPUs with VNNI or AMX)"
+    return "fp32", ("FP32 artifact; load it with --precision auto (deimv2-infer, deimv2-bench, load_runtime) to run "
+                    "bf16 where the CPU has it natively")
 
 
 def _export_one(args: argparse.Namespace, size: str):
@@ -283,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"wrote {result.path}\n  {result.spec.describe()}  ({result.seconds:.1f} s)")
             return 0
+        if args.precision == "auto":
+            args.precision, why = auto_export_precision(args.format, args.calibration)
+            print(f"--precision auto -> {args.precision}: {why}", file=sys.stderr)
         sizes = list(VARIANT_NAMES) if args.size == "all" else [args.size]
         results = []
         for size in sizes:

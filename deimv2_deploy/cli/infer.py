@@ -16,6 +16,7 @@ from pathlib import Path
 from deimv2_deploy.cli import run_cli, user_message
 from deimv2_deploy.files import write_text
 from deimv2_deploy.media import expand_image_paths, read_image, write_image
+from deimv2_deploy.precision import PRECISION_REQUESTS
 
 __all__ = ["main", "build_parser", "output_names"]
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, GPU/NPU/AUTO for OpenVINO")
     p.add_argument("--variant", help="model size, for files without deimv2 metadata (official-exporter ONNX)")
     p.add_argument("--threads", type=int, help="inference threads")
+    p.add_argument("--precision", choices=PRECISION_REQUESTS,
+                   help="arithmetic to run: auto (bf16 on CPUs that run it natively, else fp32; INT8 artifacts stay "
+                        "INT8), fp32 (exact on every CPU), bf16, fp16, int8 (default: the backend's, FP32 for FP32 "
+                        "artifacts); the precision that really ran is printed and in --json")
     p.add_argument("--letterbox", action="store_true", help="keep aspect ratio (pad) instead of stretching")
     p.add_argument("--no-draw", action="store_true", help="do not write annotated images/video")
     try:
@@ -103,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             options.update(video_runtime_options(args.artifact, args.backend))
         t0 = time.perf_counter()
         runtime = load_runtime(args.artifact, backend=args.backend, device=args.device, variant=args.variant,
-                               **options)
+                               precision=args.precision, **options)
         if args.letterbox:
             from deimv2_deploy.preprocess import Preprocessor
 
             runtime.preprocessor = Preprocessor(runtime.spec, resize="letterbox")
         print(f"loaded {args.artifact} on {runtime.backend.value}/{runtime.device} in "
-              f"{time.perf_counter() - t0:.2f} s: {runtime.spec.describe()}", file=sys.stderr)
+              f"{time.perf_counter() - t0:.2f} s: {runtime.spec.describe()}; runs {_ran(runtime)}", file=sys.stderr)
         if runtime.spec.random_weights:
             print("NOTE: this artifact has random weights: its detections are meaningless", file=sys.stderr)
         if video:
@@ -119,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run_images(args, runtime)
 
     return run_cli(body, "deimv2-infer")
+
+
+def _ran(runtime) -> str:
+    """The precision that really runs, and why, for the log line."""
+    info = runtime.describe()
+    choice = info.get("precision_choice")
+    return (info.get("executed_precision") or info.get("precision") or "?") + (f" ({choice['reason']})" if choice
+                                                                            else "")
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -157,6 +170,7 @@ def _run_images(args: argparse.Namespace, runtime) -> int:
     if one_file is not None and one_file.resolve() in {p.resolve() for p in paths}:
         raise ValueError(f"--json {one_file} is one of the inputs: choose another file name")
     records, failed = [], []
+    executed = runtime.describe().get("executed_precision")  # what really runs, read from the backend
     for path, name in zip(paths, names, strict=True):
         try:
             image = read_image(path)
@@ -175,7 +189,8 @@ def _run_images(args: argparse.Namespace, runtime) -> int:
         if not args.no_draw:
             written.append(write_image(out_dir / f"{name}.jpg", annotate(image, detections)))
         if args.json:
-            record = {"image": str(path), "artifact": str(args.artifact), **detections.to_dict()}
+            record = {"image": str(path), "artifact": str(args.artifact), "precision": executed,
+                      **detections.to_dict()}
             if one_file is None:
                 written.append(write_text(out_dir / f"{name}.json", json.dumps(record, indent=1) + "\n"))
             else:
@@ -185,7 +200,8 @@ def _run_images(args: argparse.Namespace, runtime) -> int:
     if one_file is not None and records:
         lines = one_file.suffix.lower() == ".jsonl"
         text = ("".join(json.dumps(r) + "\n" for r in records) if lines
-                else json.dumps({"artifact": str(args.artifact), "images": records}, indent=1) + "\n")
+                else json.dumps({"artifact": str(args.artifact), "precision": executed, "images": records},
+                                indent=1) + "\n")
         print(f"detections of {len(records)} images -> {write_text(one_file, text)}")
     if failed:
         print(f"deimv2-infer: {len(failed)} of {len(paths)} inputs failed (named above); the others were written",

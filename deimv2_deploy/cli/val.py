@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, GPU/NPU/AUTO for OpenVINO")
     p.add_argument("--precision",
                    help="inference precision where the backend chooses one at load time: torch fp32|fp16, OpenVINO "
-                        "f32|f16|bf16 (ONNX Runtime and TensorRT run the precision the artifact was exported in)")
+                        "auto|fp32|bf16|fp16|int8 (deimv2_deploy.precision); ONNX Runtime and TensorRT run the "
+                        "precision the artifact was exported in")
     p.add_argument("--variant", help="model size, for files without deimv2 metadata (official-exporter ONNX)")
     p.add_argument("--threads", type=int, help="inference threads")
     p.add_argument("--per-class", action="store_true", help="also print AP per class")
@@ -49,7 +50,7 @@ def _backend_options(args: argparse.Namespace, backend: str) -> dict:
     if backend == "torch":
         options["precision"] = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)
     elif backend == "openvino":
-        options["inference_precision"] = {"fp32": "f32", "fp16": "f16"}.get(precision, precision)
+        options["precision"] = precision  # the precision policy (auto, fp32, bf16, fp16, int8)
     else:
         raise ValueError(f"--precision does not apply to {backend}: it runs the precision the artifact was exported "
                          f"in; export the artifact with deimv2-export --precision {precision} instead")

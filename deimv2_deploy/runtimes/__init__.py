@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deimv2_deploy.precision import PRECISION_REQUESTS, PrecisionChoice, executed_label
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES, Backend, BackendUnavailableError, Runtime
 
 __all__ = ["Backend", "Runtime", "BackendUnavailableError", "load_runtime", "backend_class", "available_backends",
@@ -98,15 +99,55 @@ def _vit_runtime(path: Path, backend: str | Backend | None, device: str, variant
     return load_vit_runtime(path, chosen, threads=options.get("threads"), spec=spec)
 
 
+def _precision_options(cls: type[Runtime], precision: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the precision request in the form the backend takes it (OpenVINO: its `precision` policy;
+    PyTorch: "auto" is fp32, its only CPU precision); backends without a precision option get it checked against
+    the artifact after loading (`_check_artifact_precision`)."""
+    key = str(precision).lower()
+    if key not in PRECISION_REQUESTS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_REQUESTS)}, got {precision!r}")
+    if "precision" in options or "inference_precision" in options:
+        raise ValueError("give precision= once: not together with a backend's precision or inference_precision "
+                         "option")
+    if cls.backend == Backend.OPENVINO:
+        return {**options, "precision": key}
+    if cls.backend == Backend.TORCH:
+        return {**options, "precision": "fp32" if key == "auto" else key}
+    return options
+
+
+def _check_artifact_precision(runtime: Runtime, precision: str) -> None:
+    """For backends that run the artifact's own precision: the request must be "auto" or that precision."""
+    key, weights = str(precision).lower(), runtime.spec.precision
+    if runtime.backend == Backend.TORCH:
+        reason = ("auto: PyTorch eager runs the FP32 model (no bf16/INT8 path)" if key == "auto"
+                  else f"{key} requested")
+    elif key in ("auto", weights):
+        reason = (f"{runtime.backend.value} runs the artifact's own precision ({weights}); bf16 arithmetic is an "
+                  "OpenVINO option (backend='openvino')")
+    else:
+        runtime.close()
+        instead = ("use backend='openvino' for bf16 arithmetic" if key == "bf16"
+                   else f"load a {key} artifact, or use backend='openvino'")
+        raise ValueError(f"the {runtime.backend.value} backend runs the artifact's own precision ({weights}), not "
+                         f"{key}: {instead}")
+    arithmetic = runtime.inference_precision()
+    runtime.precision_choice = PrecisionChoice(key, executed_label(weights, arithmetic) or weights, arithmetic,
+                                               reason)
+
+
 def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, device: str = "cpu",
-                 variant: str | None = None, **options: Any) -> Runtime:
+                 variant: str | None = None, precision: str | None = None, **options: Any) -> Runtime:
     """Load an artifact (or checkpoint) on the backend its file type implies, or the one named.
 
     A DINOv3 or EoMT-DINOv3 artifact (`deimv2-export dinov3|eomt`) gives a Dinov3Runtime / EomtRuntime
     (runtimes.vit_runtime): `predict(image)` returns Embeddings / a Segmentation.
     `variant` is needed only for files without deimv2-deploy metadata (official-exporter ONNX, checkpoints
-    whose size cannot be recognised). Backend options (threads, streams, inference_precision...) pass through; an
-    option the chosen backend does not take is a ValueError naming the ones it does.
+    whose size cannot be recognised). `precision` ("auto", "fp32", "bf16", "fp16", "int8"; see
+    `deimv2_deploy.precision`): the arithmetic to run; None keeps each backend's default (OpenVINO: FP32
+    artifacts in f32). `describe()["executed_precision"]` says what really runs. Backend options (threads,
+    streams, inference_precision...) pass through; an option the chosen backend does not take is a ValueError
+    naming the ones it does.
     """
     p = Path(path)
     if not p.exists():
@@ -122,7 +163,12 @@ def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, 
                          f"use one of {', '.join(b.value for b in possible)}")
     cls = backend_class(chosen)
     check_options(cls, options)
+    if precision is not None:
+        options = _precision_options(cls, precision, options)
     reason = cls.unavailable_reason()
     if reason:
         raise BackendUnavailableError(reason)
-    return cls(p, device=device, variant=variant, **options)
+    runtime = cls(p, device=device, variant=variant, **options)
+    if precision is not None and runtime.precision_choice is None:
+        _check_artifact_precision(runtime, precision)
+    return runtime

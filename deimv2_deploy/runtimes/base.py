@@ -16,6 +16,7 @@ import numpy as np
 
 from deimv2_deploy.detections import Detections
 from deimv2_deploy.errors import BackendUnavailableError
+from deimv2_deploy.precision import PrecisionChoice, executed_label
 from deimv2_deploy.preprocess import PreparedBatch, Preprocessor, image_list
 from deimv2_deploy.spec import ArtifactSpec
 
@@ -59,6 +60,8 @@ class Runtime(abc.ABC):
         # Detections' boxes are clipped to their image; False keeps them as the model gives them (the official
         # COCO evaluation scores unclipped boxes)
         self.clip_boxes = True
+        # what the precision policy chose, when a precision was asked for (load_runtime(precision=...))
+        self.precision_choice: PrecisionChoice | None = None
 
     # --- per backend --------------------------------------------------------------------------------
     @classmethod
@@ -99,10 +102,23 @@ class Runtime(abc.ABC):
     def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph on validated inputs; return fresh arrays (never views of reused buffers)."""
 
+    def inference_precision(self) -> str | None:
+        """The arithmetic the graph really runs in ("f32", "bf16", "f16"), as the backend reports it; None where
+        it does not say."""
+        return None
+
     def describe(self) -> dict[str, Any]:
-        """What this runtime compiled for (backend, device, precision, threads...) for reports."""
+        """What this runtime compiled for (backend, device, precision, threads...) for reports. `precision` is the
+        artifact's (its weights), `inference_precision` the arithmetic that really runs (read from the backend),
+        `executed_precision` both in one word ("fp32", "bf16", "int8+bf16"...), `precision_choice` what the
+        precision policy decided and why (None when no precision was asked for)."""
+        arithmetic = self.inference_precision()
+        choice = getattr(self, "precision_choice", None)
         return {"backend": self.backend.value, "version": self.version(), "device": self.device,
-                "precision": self.spec.precision, "variant": self.spec.variant}
+                "precision": self.spec.precision, "variant": self.spec.variant,
+                "inference_precision": arithmetic,
+                "executed_precision": executed_label(self.spec.precision, arithmetic),
+                "precision_choice": None if choice is None else choice.to_dict()}
 
     def close(self) -> None:  # noqa: B027 - optional hook: most backends have nothing to release
         """Release the backend's resources."""

@@ -102,6 +102,12 @@ class OnnxRuntime(Runtime):
     def import_library(cls):
         return _import_ort()
 
+    def inference_precision(self) -> str | None:
+        """ONNX Runtime's CPU provider computes an FP32 graph in f32 on every x86 CPU (it has no automatic bf16);
+        other providers and FP16 graphs (partly cast back to f32 on CPU) are not reported."""
+        fp32_on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider" and self.spec.precision == "fp32"
+        return "f32" if fp32_on_cpu else None
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": self.session.get_providers(), "threads": self.threads,
                 "spinning": self.spinning}

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from deimv2_deploy.precision import choose_precision, openvino_capabilities
 from deimv2_deploy.runtimes.base import Backend, BackendUnavailableError, Runtime
 from deimv2_deploy.spec import METADATA_KEY, ArtifactSpec, resolve_spec
 
@@ -182,10 +183,14 @@ class OpenVinoRuntime(Runtime):
     Options: `device` ("cpu", "gpu", "gpu.1", "npu", "auto"; an unknown name or a device missing here raises with
     the list of devices OpenVINO found), `mode` ("latency" | "throughput", OpenVINO's performance hint),
     `threads` (inference threads, None = OpenVINO's choice), `streams` (parallel streams, None = as the mode
-    implies), `inference_precision` (None keeps FP32 artifacts in f32 even where the CPU would default to bf16;
-    "f16"/"bf16" to trade accuracy for speed), `variant` (only for an ONNX file without metadata),
-    `fixed_batch_one` (default True: a dynamic-batch graph runs single images on a batch-1 compilation, see the
-    module docstring; False compiles it only as exported, as a stock OpenVINO setup would).
+    implies), `precision` (the policy of `deimv2_deploy.precision`: "auto" chooses bf16 where the CPU runs it
+    natively, else f32; "fp32" exact FP32 on every CPU; "bf16"/"fp16"; "int8" checks the artifact is INT8),
+    `inference_precision` (the raw OpenVINO hint instead of the policy; None keeps FP32 artifacts in f32 even where
+    the CPU would default to bf16; "f16"/"bf16" to trade accuracy for speed), `variant` (only for an ONNX file
+    without metadata), `fixed_batch_one` (default True: a dynamic-batch graph runs single images on a batch-1
+    compilation, see the module docstring; False compiles it only as exported), `stock` (compile as a stock user
+    does, `compile_model(path, "CPU")`: nothing set but the thread count when `threads` is given, so the CPU's
+    default precision applies (bf16 on AMX CPUs); for baselines).
 
     Pipelined use (video, benchmarks) through an `AsyncInferQueue` of the compiled model's optimal number of
     requests, one graph call per submission:
@@ -204,7 +209,8 @@ class OpenVinoRuntime(Runtime):
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", variant: str | None = None,
                  threads: int | None = None, streams: int | str | None = None, mode: str = "latency",
-                 inference_precision: str | None = None, fixed_batch_one: bool = True) -> None:
+                 inference_precision: str | None = None, fixed_batch_one: bool = True, precision: str | None = None,
+                 stock: bool = False) -> None:
         ov = _import_openvino()
         self.path = Path(path)
         if not self.path.exists():
@@ -225,7 +231,14 @@ class OpenVinoRuntime(Runtime):
             raise ValueError(f"{self.path} has inputs {names}, expected {list(self.input_names)} (a DEIMv2 deploy "
                              "graph)")
         self.mode = mode
-        self.config = self._compile_config(threads, streams, inference_precision)
+        if stock and (streams is not None or inference_precision is not None or precision is not None
+                      or mode != "latency"):
+            raise ValueError("stock=True compiles with OpenVINO's defaults: do not combine it with streams, mode, "
+                             "precision or inference_precision")
+        self.stock = stock
+        fixed_batch_one = fixed_batch_one and not stock
+        self.config = (self._stock_config(threads) if stock
+                       else self._compile_config(threads, streams, inference_precision, precision))
         self._graphs: dict[int | None, Any] = {}  # compiled graphs by fixed batch; None: the graph as exported
         dynamic = _dynamic_batch(model)
         single = _with_fixed_batch(model, 1, self.spec.input_size) if dynamic and fixed_batch_one else None
@@ -265,9 +278,31 @@ class OpenVinoRuntime(Runtime):
     def _key(self, n: int) -> int | None:
         return 1 if self._single and n == 1 else None
 
+    def _stock_config(self, threads: int | None) -> dict[str, Any]:
+        """What a stock user compiles with: nothing, but the thread count a benchmark gives every row alike."""
+        return {} if threads is None else {"INFERENCE_NUM_THREADS": int(threads)}
+
+    def _choose(self, precision: str, inference_precision: str | None) -> str:
+        """The OpenVINO hint the precision policy chooses for this artifact on this device (kept in
+        `precision_choice`)."""
+        if inference_precision is not None:
+            raise ValueError(f"give precision= (the policy: auto, fp32...) or inference_precision= (the raw hint), "
+                             f"not both (got {precision!r} and {inference_precision!r})")
+        isa = None
+        if self.ov_device == "CPU" or self.ov_device.startswith("CPU."):
+            from deimv2_deploy.cpu import cpu_info
+
+            isa = cpu_info()["isa"]
+        capabilities = None if self.ov_device in _VIRTUAL_DEVICES else openvino_capabilities(self.core,
+                                                                                              self.ov_device)
+        self.precision_choice = choose_precision(precision, self.spec.precision, capabilities, isa)
+        return self.precision_choice.inference_precision
+
     def _compile_config(self, threads: int | None, streams: int | str | None,
-                        inference_precision: str | None) -> dict[str, Any]:
+                        inference_precision: str | None, precision: str | None = None) -> dict[str, Any]:
         config: dict[str, Any] = {"PERFORMANCE_HINT": self.mode.upper()}
+        if precision is not None:
+            inference_precision = self._choose(precision, inference_precision)
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if streams is not None:
@@ -327,6 +362,8 @@ class OpenVinoRuntime(Runtime):
             "threads": int(threads) if threads is not None else None,  # 0: OpenVINO uses all cores
             "requests": self._property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
             "compiled_batches": ["any" if b is None else b for b in self._graphs],  # 1: fixed for single images
+            "stock": self.stock,  # compiled with OpenVINO's defaults (baselines)
+            "compile_config": {k: str(v) for k, v in self.config.items()},  # what was set; the rest is OpenVINO's
             "path": str(self.path),
         }
 

@@ -103,6 +103,10 @@ class TorchRuntime(Runtime):
     def import_library(cls):
         return _import_torch()
 
+    def inference_precision(self) -> str | None:
+        """PyTorch eager runs the float32 module as it is (f32); fp16 is CUDA autocast (mixed, mostly f16)."""
+        return "f16" if self.precision == "fp16" else "f32"
+
     def describe(self) -> dict[str, Any]:
         extra = {"threads": self.threads or self.torch.get_num_threads(), "cuda_graphs": self.cuda_graphs}
         if self.device.startswith("cuda"):
