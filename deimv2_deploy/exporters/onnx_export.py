@@ -146,8 +146,9 @@ def publish_onnx(work: Path, final: Path, spec: ArtifactSpec | None = None) -> P
     return final
 
 
-def write_onnx_with_spec(src: Path, dst: Path, spec: ArtifactSpec) -> None:
-    """Copy `src` to `dst` with the spec in metadata_props (replacing any earlier deimv2 entries)."""
+def write_onnx_with_spec(src: Path, dst: Path, spec: Any) -> None:
+    """Copy `src` to `dst` with the spec (an ArtifactSpec, or any with `to_metadata()`) in metadata_props
+    (replacing any earlier deimv2 entries)."""
     import onnx
 
     model = onnx.load(str(src))

@@ -156,16 +156,9 @@ def _run_onnx(path: Path, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.nda
 
 
 def _write_onnx(src: Path, dst: Path, spec: VitSpec) -> None:
-    import onnx
+    from deimv2_deploy.exporters.onnx_export import write_onnx_with_spec
 
-    model = onnx.load(str(src))
-    keep = [p for p in model.metadata_props if not p.key.startswith("deimv2.")]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in spec.to_metadata().items():
-        model.metadata_props.add(key=key, value=value)
-    model.producer_name = "deimv2-deploy"
-    onnx.save(model, str(dst))
+    write_onnx_with_spec(src, dst, spec)  # any spec with to_metadata()
 
 
 def _publish_onnx(work: Path, final: Path, spec: VitSpec) -> None:
