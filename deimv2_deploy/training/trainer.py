@@ -166,7 +166,9 @@ class Trainer:
                     self._restart_ema()
                 record = self._train_epoch(epoch, log)
                 if self._stop_signal is not None:
-                    raise TrainingInterrupted(self._stop_signal, self._save("last.pth"))
+                    saved = self._save("last.pth")
+                    write_curves(self.output_dir / "log.jsonl", self.output_dir / "curves.png")  # the run so far
+                    raise TrainingInterrupted(self._stop_signal, saved)
                 last = epoch + 1 == self.recipe.epochs
                 if self.data.has_validation and ((epoch + 1) % self.settings.val_every == 0 or last):
                     record["val"] = self.validate()
@@ -181,6 +183,7 @@ class Trainer:
                     self._save("best.pth")
                 self._save("last.pth")
                 if self._stop_signal is not None:
+                    write_curves(self.output_dir / "log.jsonl", self.output_dir / "curves.png")  # the run so far
                     raise TrainingInterrupted(self._stop_signal, self.output_dir / "last.pth")
         finally:
             for s, handler in previous.items():
