@@ -509,11 +509,15 @@ def write_curves(log_path: Path, out: Path) -> Path | None:
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
     if iters:
-        steps = np.array([r["step"] for r in iters])
-        loss = np.array([r["loss"] for r in iters])
+        by_step = {r["step"]: r["loss"] for r in iters}  # a resumed run logs again what the stopped one had
+        steps = np.array(sorted(by_step))
+        loss = np.array([by_step[s] for s in steps])
         ax_loss.plot(steps, loss, lw=0.5, alpha=0.4, label="loss")
         window = max(1, len(loss) // 50)
-        ax_loss.plot(steps, np.convolve(loss, np.ones(window) / window, mode="same"), lw=1.5, label="smoothed")
+        total = np.concatenate([[0.0], np.cumsum(loss)])
+        first = np.maximum(np.arange(len(loss)) + 1 - window, 0)  # trailing mean, shorter at the start
+        ax_loss.plot(steps, (total[1:] - total[first]) / (np.arange(len(loss)) + 1 - first), lw=1.5,
+                     label="smoothed")
         ax_loss.set_xlabel("iteration")
         ax_loss.set_ylabel("total loss")
         ax_loss.set_yscale("log")

@@ -11,7 +11,7 @@ deimv2-data synth --output "$DATA/synth_a" --train 8000 --val 500 --seed 1
 deimv2-data synth --output "$DATA/synth_holdout" --val 500 --seed 7
 
 # 2. training: the DEIM recipe of atto, scaled to 16 epochs, batch 16, EMA validated every epoch on 250 images.
-#    The reference run was stopped with SIGTERM after the epochs listed in TRAINING.md (its log.jsonl is here)
+#    The reference run was stopped with SIGTERM after 7 of its 16 epochs (README.md here; its log.jsonl is here)
 #    because of the machine time available; resume it with: deimv2-train --resume "$RUN/last.pth" (same arguments)
 deimv2-train atto \
   --images "$DATA/synth_a/train" --annotations "$DATA/synth_a/annotations/instances_train.json" \
