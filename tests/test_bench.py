@@ -183,7 +183,7 @@ def test_json_schema_is_stable(fake_result, tmp_path):
                          "accuracy", "rows"}
     assert set(data["config"]) == {"sizes", "backends", "precisions", "device", "batches", "threads", "warmup",
                                    "iters", "seconds", "mode", "video", "random_weights", "checkpoint_dir",
-                                   "calibration", "parity", "interleave", "accuracy"}
+                                   "checkpoint", "calibration", "parity", "interleave", "accuracy"}
     assert data["accuracy"] is None and data["config"]["accuracy"] is None  # no --accuracy
     assert {"cpu", "threads", "gpus", "libraries", "os", "python", "command", "load_average"} <= set(data["system"])
     row_keys = {"size", "backend", "precision", "batch", "mode", "tier", "device", "device_name", "threads", "status",

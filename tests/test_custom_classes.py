@@ -149,8 +149,11 @@ def test_deimv2_val_maps_labels_through_the_models_category_ids(three_class_mode
                          "--per-class", "--quiet"]) == 0
         results[path.suffix] = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert all(f" {name} " in printed for name in THREE_CLASSES)  # the per-class table names the model's classes
     onnx, ir = results[".onnx"], results[".xml"]
+    # the per-class table names the model's classes (those with objects in these images; random weights may
+    # put all of the model's own top detections in one class)
+    present = [c["name"] for c in onnx["per_class"] if c["objects"]]
+    assert present and all(f" {name} " in printed for name in present), printed
     assert onnx["AP50"] > 0.5 and onnx["AP"] > 0.2, onnx  # the labels were mapped to 11, 37, 90 correctly
     assert abs(onnx["AP"] - ir["AP"]) < 0.02 and abs(onnx["AP50"] - ir["AP50"]) < 0.02
     assert [(c["category_id"], c["name"]) for c in onnx["per_class"]] == list(zip(THREE_CATEGORY_IDS, THREE_CLASSES,

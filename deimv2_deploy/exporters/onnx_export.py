@@ -339,4 +339,5 @@ def _describe(p: dict[str, Any]) -> str:
     return (f"{'ok' if p['ok'] else 'FAILED'}: {p['matched']}/{p['total']} detections matched "
             f"({100 * p['fraction']:.1f}%), max box diff {p['max_box_diff']:.2e} px "
             f"(tol {p['box_tol']:g}), max score diff {p['max_score_diff']:.2e} (tol {p['score_tol']:g})"
-            + (f"; {p['cutoff_ties']} unmatched tie(s) at the top-k score cutoff" if p.get("cutoff_ties") else ""))
+            + (f"; {p['score_ties']} unmatched score tie(s) excused (top-k selection rounding)"
+               if p.get("score_ties") else ""))

@@ -161,7 +161,8 @@ def _describe(p: Mapping[str, Any]) -> str:
     return (f"{p['matched']}/{p['total']} detections matched ({100 * p['fraction']:.1f}%) within "
             f"{p['box_tol']:g} px / {p['score_tol']:g}, max box diff {p['max_box_diff']:.2e} px, "
             f"max score diff {p['max_score_diff']:.2e}"
-            + (f"; {p['cutoff_ties']} unmatched tie(s) at the top-k score cutoff" if p.get("cutoff_ties") else ""))
+            + (f"; {p['score_ties']} unmatched score tie(s) excused (top-k selection rounding)"
+               if p.get("score_ties") else ""))
 
 
 # --- the export ------------------------------------------------------------------------------------------
