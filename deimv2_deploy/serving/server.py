@@ -2,7 +2,8 @@
 
 Start: a local Ray (no dashboard, usage statistics off unless the user set RAY_USAGE_STATS_ENABLED, every Ray
 service on the loopback address unless the HTTP host asks for more), Serve's HTTP proxy on host:port, the
-application deployed and healthy. Stop (Ctrl-C or SIGTERM): Serve is shut down first, which lets every replica
+application deployed and healthy. Stop (Ctrl-C or SIGTERM): requests keep being routed for `STOP_GRACE_S`
+(those already sent reach a replica), then Serve is shut down first, which lets every replica
 finish the requests it holds (up to `app.DRAIN_TIMEOUT_S`), then Ray and all its processes. To run on an existing
 cluster instead, write a config with `deimv2-serve --write-config` and `serve deploy` it.
 """
@@ -98,11 +99,17 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
         while not stop.wait(0.5):
             pass
         print("deimv2-serve: stopping (answering requests in flight)", file=sys.stderr, flush=True)
+        # requests sent just before the signal may still be on their way to the proxy: keep routing them for a
+        # moment (deleting the application at once answers those with 404)
+        time.sleep(STOP_GRACE_S)
         return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _shutdown()
+
+
+STOP_GRACE_S = 1.5  # after Ctrl-C/SIGTERM, before the application is deleted: requests already sent get routed
 
 
 def _shutdown() -> None:
