@@ -95,8 +95,7 @@ def _header(data: dict[str, Any]) -> list[str]:
     gpus = "; ".join(f"{g['name']} ({g.get('memory') or '?'}, driver {g.get('driver') or '?'})"
                      for g in system.get("gpus") or []) or "none"
     tiers = sorted({f"{r['tier']} ({r['device_name']})" for r in data["rows"]})
-    weights = ("RANDOM deterministic weights (timing only; detections meaningless)" if config["random_weights"]
-               else "official checkpoints")
+    weights = _weights_label(config, "RANDOM deterministic weights (timing only; detections meaningless)")
     timed = f"{config['iters']} timed calls" if config["iters"] else f"{config['seconds']} s of timed calls"
     return [
         f"Tier: {', '.join(tiers) or config['device']} · mode {config['mode']} · {_threads(config['threads'])} · "
@@ -131,6 +130,15 @@ _COLUMNS = ("tier · device", "size", "backend", "prec", "batch", "status", "cal
             "p90", "p99", "max", "FPS", "img/s", "first ms", "load s", "peak RSS MB", "load 1m", "× torch",
             "parity vs torch (matched · max box · max score)", "note")
 _AP_AT = _COLUMNS.index("first ms")  # --accuracy: AP and AP50 go right after the latency figures
+
+
+def _weights_label(config: dict[str, Any], random_label: str) -> str:
+    """Whose weights the rows ran: random, a given --checkpoint file, or the store's official checkpoints."""
+    if config.get("random_weights"):
+        return random_label
+    if config.get("checkpoint"):
+        return f"weights {Path(config['checkpoint']).name}"
+    return "official checkpoints"
 
 
 def _ap_cell(row: dict[str, Any], key: str) -> str:
@@ -306,7 +314,7 @@ def write_plot(result: BenchResult | dict[str, Any], path: str | os.PathLike) ->
     ax_ap.legend(fontsize=8)
     cfg, cpu = data["config"], data["system"]["cpu"]
     devices = ", ".join(sorted({f"{r['tier']}: {r['device_name']}" for r in rows}))
-    weights = "random weights (latency only)" if cfg["random_weights"] else "official checkpoints"
+    weights = _weights_label(cfg, "random weights (latency only)")
     fig.suptitle(f"DEIMv2 {cfg['mode']} latency · {devices} · {_threads(cfg['threads'])} · {weights}\n"
                  f"{cpu['usable_cores']} usable cores; 1-min load average {_load(data['system'].get('load_average'))}"
                  f" at start, {_load(data['system'].get('load_average_end'))} at end; {data['created_utc']}",
