@@ -18,6 +18,7 @@ and the PyTorch module otherwise. `source="onnx"` always goes through ONNX (expo
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -131,8 +132,16 @@ def quantize_int8(model: Any, paths: Sequence[Path], spec: ArtifactSpec, subset_
     model_type = nncf.ModelType.TRANSFORMER if get_variant_info(spec.variant).family == "dinov3" else None
     # MIXED: asymmetric activations. HGNetv2's affine after ReLU and the SiLU/GELU outputs are not centred on 0;
     # on atto it halved the score drift against FP32 compared with the symmetric default (benchmarks/openvino_int8.md)
-    return nncf.quantize(model, nncf.Dataset(_CalibrationSet(paths, spec)), subset_size=min(subset_size, len(paths)),
-                         preset=nncf.QuantizationPreset.MIXED, ignored_scope=scope, model_type=model_type)
+    from nncf.common.logging import nncf_logger
+
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # its INFO lists every node it leaves in float: hundreds of lines
+    try:
+        return nncf.quantize(model, nncf.Dataset(_CalibrationSet(paths, spec)),
+                             subset_size=min(subset_size, len(paths)), preset=nncf.QuantizationPreset.MIXED,
+                             ignored_scope=scope, model_type=model_type)
+    finally:
+        nncf_logger.setLevel(level)
 
 
 def save_ir(model: Any, final_xml: Path, compress_to_fp16: bool) -> None:
