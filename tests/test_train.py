@@ -194,3 +194,18 @@ def test_cli_sigterm_saves_last_checkpoint_and_exits_143(tiny_dataset, tmp_path)
     assert proc.returncode == 143, err
     assert "--resume" in err and (out / "last.pth").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_a_resumed_run_may_move_its_data_and_output_but_keeps_its_recipe(tiny_dataset, tmp_path):
+    """--resume on another machine or folder: paths given again replace the stored ones; the recipe settings
+    (epochs, batch, lr, seed...) stay the run's own whatever is given."""
+    from deimv2_deploy.training.trainer import _merge_resume_settings
+
+    stored = _settings(tiny_dataset, tmp_path / "old")
+    given = TrainSettings(size="atto", train_images="/new/train", train_annotations="", output_dir="/new/run",
+                          epochs=99, batch=1, lr=0.01, seed=42, device="cpu", workers=3, threads=1)
+    merged = _merge_resume_settings(stored, given)
+    assert merged.train_images == "/new/train" and merged.output_dir == "/new/run"
+    assert merged.train_annotations == stored.train_annotations and merged.val_images == stored.val_images
+    assert (merged.epochs, merged.batch, merged.lr, merged.seed) == (stored.epochs, stored.batch, stored.lr, 3)
+    assert (merged.workers, merged.threads) == (3, 1)

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="images per iteration (default 16)")
     p.add_argument("--lr", type=float, help="base learning rate (default: the recipe's, scaled to --batch)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--output-dir", default="runs/train", help="where checkpoints and logs go (default runs/train)")
+    p.add_argument("--output-dir", help="where checkpoints and logs go (default runs/train; with --resume: the "
+                                        "run's own, unless given)")
     p.add_argument("--resume", metavar="LAST_PTH", help="continue a stopped run exactly where it stopped")
     p.add_argument("--workers", type=int, help="data-loading processes (default: one per spare CPU core)")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: all cores)")
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = TrainSettings(
             size=args.size or "atto", train_images=args.images or "", train_annotations=args.annotations or "",
-            output_dir=args.output_dir, val_images=args.val_images, val_annotations=args.val_annotations,
+            output_dir=args.output_dir or ("" if args.resume else "runs/train"),
+            val_images=args.val_images, val_annotations=args.val_annotations,
             checkpoint=args.checkpoint, epochs=args.epochs, batch=args.batch, lr=args.lr, device=args.device,
             workers=args.workers, threads=args.threads, seed=args.seed, val_every=args.val_every,
             max_val_images=args.max_val_images, amp=not args.no_amp)

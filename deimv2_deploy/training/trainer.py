@@ -287,6 +287,9 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
             self.say(f"no-augmentation epochs: continuing from the best weights so far (epoch "
                      f"{self.progress.best_epoch + 1}, AP {self.progress.best_ap:.4f})")
+        elif self.progress.best_epoch >= 0:  # a resumed run moved to another --output-dir without its best.pth
+            self.say(f"no-augmentation epochs: no {best} (copy the run's best.pth there to restart from it); "
+                     "continuing from the current weights")
         self.ema.decay = self.recipe.ema_restart_decay
 
     # --- validation ---------------------------------------------------------------------------------
@@ -435,8 +438,14 @@ def release_weights(checkpoint: str | os.PathLike, output: str | os.PathLike) ->
 
 
 def _merge_resume_settings(stored: TrainSettings, given: TrainSettings) -> TrainSettings:
-    """A resumed run keeps its settings; only where the machine differs (device, workers, threads) may change."""
-    return replace(stored, device=given.device, workers=given.workers, threads=given.threads)
+    """A resumed run keeps its settings; only what depends on the machine may change: device, workers, threads,
+    and, when given, where the data and the output are (a run moved to another machine or folder; the classes are
+    still checked against the checkpoint's)."""
+    moved = {name: getattr(given, name) for name in _RELOCATABLE if getattr(given, name)}
+    return replace(stored, device=given.device, workers=given.workers, threads=given.threads, **moved)
+
+
+_RELOCATABLE = ("train_images", "train_annotations", "val_images", "val_annotations", "output_dir")
 
 
 def _to_float(node: Any) -> Any:
