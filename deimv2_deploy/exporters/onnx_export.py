@@ -127,7 +127,7 @@ def run_onnx(path: Path, threads: int | None = None):
     return run
 
 
-def publish_onnx(work: Path, final: Path, spec: ArtifactSpec | None = None) -> Path:
+def publish_onnx(work: Path, final: Path, spec: Any = None) -> Path:
     """Put the finished ONNX file `work` (from a scratch folder) under `final`: written beside it under a temporary
     name (with `spec` in its metadata when given), read back, then renamed."""
     def readable(tmps: list[Path]) -> None:

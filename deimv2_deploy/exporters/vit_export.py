@@ -155,23 +155,10 @@ def _run_onnx(path: Path, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.nda
     return dict(zip(spec.output_names, session.run(list(spec.output_names), {"pixel_values": pixels}), strict=True))
 
 
-def _write_onnx(src: Path, dst: Path, spec: VitSpec) -> None:
-    from deimv2_deploy.exporters.onnx_export import write_onnx_with_spec
-
-    write_onnx_with_spec(src, dst, spec)  # any spec with to_metadata()
-
-
 def _publish_onnx(work: Path, final: Path, spec: VitSpec) -> None:
-    def readable(tmps: list[Path]) -> None:
-        import onnx
+    from deimv2_deploy.exporters.onnx_export import publish_onnx
 
-        try:
-            onnx.load(str(tmps[0]), load_external_data=False)
-        except Exception as e:  # noqa: BLE001 - protobuf decode errors have many types
-            raise OSError(f"{final} did not read back as ONNX ({type(e).__name__}): was the disk full?") from e
-
-    with atomic_write(final, verify=readable) as tmp:
-        _write_onnx(work, tmp, spec)
+    publish_onnx(work, final, spec)  # the one atomic, read-back writer (any spec with to_metadata())
 
 
 def _openvino_model(onnx_path: Path) -> Any:
