@@ -420,29 +420,25 @@ class RefinementDecoder(nn.Module):
 
         ref = torch.sigmoid(ref_logits)  # (B, Q, 4), no gradient into the query selection
         pos = query_pos_head(ref).clamp(min=-10, max=10)
-        x = content
-        prev_detached: torch.Tensor | float = 0.0
-        prev_corners: torch.Tensor | float = 0.0
-        logits, boxes, corner_list, refs = [], [], [], []
+        # the first layer's output gives the coarse boxes (pre_boxes) that every layer's corner distributions
+        # then refine (FDR); each layer adds its corners to the previous layer's, seeing its output detached
+        x = layer_input = self.layers[0](content, ref, values, shapes, pos, attn_mask)
+        pre_boxes = torch.sigmoid(pre_bbox_head(x) + _inverse_sigmoid(ref))
+        pre_logits = score_heads[0](x)
+        base = pre_boxes.detach()
+        out: dict[str, list[torch.Tensor]] = {"logits": [], "boxes": [], "corners": [], "refs": []}
+        corners: torch.Tensor | float = 0.0
+        residual: torch.Tensor | float = 0.0
         for i, layer in enumerate(self.layers):
-            x = layer(x, ref, values, shapes, pos, attn_mask)
-            if i == 0:
-                pre_boxes = torch.sigmoid(pre_bbox_head(x) + _inverse_sigmoid(ref))
-                pre_logits = score_heads[0](x)
-                base = pre_boxes.detach()
-            corners = bbox_heads[i](x + prev_detached) + prev_corners
-            layer_boxes = edges_to_boxes(base, self._edge_offsets(corners, weights), self.reg_scale)
-            logits.append(self.lqe_layers[i](score_heads[i](x), corners))
-            boxes.append(layer_boxes)
-            corner_list.append(corners)
-            refs.append(base)
-            prev_corners = corners
-            ref = layer_boxes.detach()
-            prev_detached = x.detach()
-        return {
-            "logits": torch.stack(logits), "boxes": torch.stack(boxes), "corners": torch.stack(corner_list),
-            "refs": torch.stack(refs), "pre_logits": pre_logits, "pre_boxes": pre_boxes,
-        }
+            if i:
+                x = layer(layer_input, ref, values, shapes, pos, attn_mask)
+            corners = corners + bbox_heads[i](x + residual)
+            out["boxes"].append(edges_to_boxes(base, self._edge_offsets(corners, weights), self.reg_scale))
+            out["logits"].append(self.lqe_layers[i](score_heads[i](x), corners))
+            out["corners"].append(corners)
+            out["refs"].append(base)
+            ref, residual, layer_input = out["boxes"][-1].detach(), x.detach(), x
+        return {**{k: torch.stack(v) for k, v in out.items()}, "pre_logits": pre_logits, "pre_boxes": pre_boxes}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -131,21 +131,13 @@ def _config(
     decoder: DecoderSettings,
 ) -> ModelConfig:
     info = get_variant_info(name)
-    return ModelConfig(
-        name=name,
-        input_size=info.input_size,
-        mean=info.mean,
-        std=info.std,
-        num_queries=info.num_queries,
-        backbone=backbone,
-        encoder=encoder,
-        decoder=decoder,
-        checkpoint_name=info.checkpoint_name,
-        published_ap=info.published_ap,
-        published_params_m=info.published_params_m,
-        published_gflops=info.published_gflops,
-        published_t4_latency_ms=info.published_t4_latency_ms,
-    )
+    shared = {field: getattr(info, field) for field in _FROM_VARIANT_INFO}  # one source for these facts
+    return ModelConfig(name=name, backbone=backbone, encoder=encoder, decoder=decoder, **shared)
+
+
+# ModelConfig fields taken as they are from variants.VariantInfo
+_FROM_VARIANT_INFO = ("input_size", "mean", "std", "num_queries", "checkpoint_name", "published_ap",
+                      "published_params_m", "published_gflops", "published_t4_latency_ms")
 
 
 def _lite_decoder(hidden: int, dim_feedforward: int) -> DecoderSettings:

@@ -430,11 +430,10 @@ def build_criterion(size: str, num_classes: int = 80, *, recipe: TrainRecipe | N
     r = official if recipe is None else recipe
     if r.size != official.size:
         raise ValueError(f"build_criterion({size!r}) got the recipe of size {r.size!r}; pass the same size")
-    matcher = HungarianMatcher(
-        cost_class=r.matcher_cost_class, cost_bbox=r.matcher_cost_bbox, cost_giou=r.matcher_cost_giou,
-        alpha=r.matcher_alpha, gamma=r.matcher_gamma, change_matcher=True, iou_order_alpha=r.iou_order_alpha,
-        matcher_change_epoch=r.matcher_change_epoch,
-    )
+    costs = dict(zip(("cost_class", "cost_bbox", "cost_giou"), r.matcher_costs, strict=True))
+    focal = dict(zip(("alpha", "gamma"), r.matcher_focal, strict=True))
+    matcher = HungarianMatcher(**costs, **focal, change_matcher=True, iou_order_alpha=r.iou_order_alpha,
+                               matcher_change_epoch=r.matcher_change_epoch)
     return DEIMCriterion(matcher, dict(r.weight_dict), r.losses, num_classes=num_classes, gamma=r.mal_gamma,
                          reg_max=r.reg_max, use_uni_set=r.use_uni_set)
 

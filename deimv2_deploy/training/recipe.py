@@ -101,11 +101,10 @@ class TrainRecipe:
     weight_dict: tuple[tuple[str, float], ...] = _WEIGHT_DICT
     mal_gamma: float = 1.5
     reg_max: int = 32
-    matcher_cost_class: float = 2.0
-    matcher_cost_bbox: float = 5.0
-    matcher_cost_giou: float = 2.0
-    matcher_alpha: float = 0.25
-    matcher_gamma: float = 2.0
+    # Hungarian matching: (class, L1, GIoU) cost weights, the focal (alpha, gamma) of the class cost, and the
+    # IoU exponent of the cost used from matcher_change_epoch on
+    matcher_costs: tuple[float, float, float] = (2.0, 5.0, 2.0)
+    matcher_focal: tuple[float, float] = (0.25, 2.0)
     iou_order_alpha: float = 4.0
     num_denoising: int = 100
     run_batch_size: int | None = None  # set by for_batch(): the batch of this run, when not the official one
