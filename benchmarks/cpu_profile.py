@@ -158,6 +158,7 @@ def profile_size(size: str, folder: Path, iters: int) -> dict[str, Any]:
     from deimv2_deploy.exporters.common import artifact_name
     from deimv2_deploy.exporters.parity import parity_batch
     from deimv2_deploy.models.reference import load_reference
+    from deimv2_deploy.runtimes.openvino_backend import openvino_core
     from deimv2_deploy.spec import ArtifactSpec
 
     torch.set_num_threads(1)
@@ -165,7 +166,7 @@ def profile_size(size: str, folder: Path, iters: int) -> dict[str, Any]:
     flops = model_gflops(model, size)
     inputs = parity_batch(ArtifactSpec.for_variant(size), 1).as_inputs()
     images = torch.from_numpy(inputs["images"].copy())
-    core = ov.Core()
+    core = openvino_core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
     xml = folder / artifact_name(size, "fp32", True, None, ".xml")  # export_openvino's default IR
     ir = core.read_model(str(xml))

@@ -1,10 +1,42 @@
 """Shared fixtures: where ../shared is, and artifacts exported once per test session."""
 from __future__ import annotations
 
+import ctypes
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 from golden import load_golden_module, shared_dir  # noqa: F401 - re-exported for tests
+
+
+class _SignalStack(ctypes.Structure):  # glibc's stack_t on Linux
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+def _dangling_signal_stack() -> str | None:
+    """Where this thread's alternate signal stack points at unmapped memory, a description of it; else None.
+    Python runs its signal handlers on that stack, so a dangling one turns the next signal (a test's SIGTERM, a
+    DataLoader's SIGCHLD) into a SIGSEGV of the whole test session, far from the test that left it."""
+    stack = _SignalStack()
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) != 0 or stack.flags & 2 or not stack.sp:
+        return None  # SS_DISABLE (2): no alternate stack, nothing to check
+    maps = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+            for line in Path("/proc/self/maps").read_text().splitlines()]
+    ends = (stack.sp, stack.sp + stack.size - 1)
+    if all(any(low <= address < high for low, high in maps) for address in ends):
+        return None
+    return f"{stack.size} bytes at {stack.sp:#x}, not mapped"
+
+
+@pytest.fixture(autouse=True)
+def _signal_stack_stays_valid():
+    yield
+    if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
+        dangling = _dangling_signal_stack()
+        if dangling:
+            pytest.fail(f"this test left the main thread's alternate signal stack dangling ({dangling}): the next "
+                        "signal would kill the session with SIGSEGV (see openvino_backend.openvino_core)")
 
 
 @pytest.fixture(scope="session")

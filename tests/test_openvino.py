@@ -39,7 +39,7 @@ from deimv2_deploy.exporters.parity import (  # noqa: E402
     tolerances,
 )
 from deimv2_deploy.runtimes import BackendUnavailableError, load_runtime  # noqa: E402
-from deimv2_deploy.runtimes.openvino_backend import OpenVinoRuntime, executed_precision  # noqa: E402
+from deimv2_deploy.runtimes.openvino_backend import OpenVinoRuntime, executed_precision, openvino_core  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ def test_int8_ir_builds_from_images_and_runs(atto_int8, calibration_dir):
     calib = atto_int8.spec.build["calibration"]
     assert calib["images"] == 4 and calib["float_patterns"] == list(INT8_FLOAT_PATTERNS)
     assert calib["float_types"] == list(INT8_FLOAT_TYPES)
-    model = ov.Core().read_model(str(atto_int8.path))
+    model = openvino_core().read_model(str(atto_int8.path))
     fq = [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"]
     assert fq, "no FakeQuantize nodes: the IR is not quantized"
     # the decoder and postprocessing stay in floating point: nothing there reads a quantized activation
@@ -343,7 +343,7 @@ def test_truncated_bin_names_the_file(atto_fp32, tmp_path):
 def test_unsupported_device_lists_available(atto_fp32):
     with pytest.raises(ValueError, match="CPU"):
         OpenVinoRuntime(atto_fp32.path, device="cuda")
-    if "NPU" not in ov.Core().available_devices:
+    if "NPU" not in openvino_core().available_devices:
         with pytest.raises(BackendUnavailableError, match="devices here: CPU"):
             OpenVinoRuntime(atto_fp32.path, device="npu")
     with pytest.raises(ValueError, match="mode"):
@@ -384,3 +384,33 @@ def test_inference_path_imports_no_torch(atto_fp32):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# Runtimes made and released in an order OpenVINO's CPU plugin does not expect (out of creation order, and on
+# another thread), then a signal handled in Python: with one Core per runtime this died with SIGSEGV, because each
+# Core's plugin left the main thread's alternate signal stack pointing at memory it had unmapped.
+_RELEASE_THEN_SIGNAL = """
+import faulthandler, gc, os, signal, sys, threading
+faulthandler.enable()  # as under pytest: the main thread gets an alternate signal stack
+from deimv2_deploy.runtimes.openvino_backend import OpenVinoRuntime
+first, second, third = (OpenVinoRuntime(sys.argv[1], threads=1) for _ in range(3))
+image = __import__("numpy").zeros((48, 64, 3), "uint8")
+for runtime in (first, second, third):
+    runtime.predict(image)
+del first, second                                  # out of creation order
+gc.collect()
+worker = threading.Thread(target=lambda: (third.__dict__.clear(), gc.collect()))  # the last one on another thread
+worker.start()
+worker.join()
+handled = []
+signal.signal(signal.SIGUSR1, lambda *_: handled.append(1))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("handled", len(handled))
+"""
+
+
+def test_released_runtimes_leave_signal_handling_intact(atto_fp32):
+    run = subprocess.run([sys.executable, "-c", _RELEASE_THEN_SIGNAL, str(atto_fp32.path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, f"exit {run.returncode} (-11 is SIGSEGV)\n{run.stderr[-2000:]}"
+    assert run.stdout.split()[-2:] == ["handled", "1"]

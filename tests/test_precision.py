@@ -147,7 +147,9 @@ def test_stock_openvino_sets_nothing_but_threads(atto_onnx):
     assert info["stock"] is True and info["compile_config"] == {"INFERENCE_NUM_THREADS": "2"}
     assert info["compiled_batches"] == ["any"]  # the graph as exported, as compile_model(path, "CPU") has it
     # the CPU's default precision: f32 here unless OpenVINO lists BF16 (AMX: bf16), read back either way
-    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    from deimv2_deploy.runtimes.openvino_backend import openvino_core
+
+    default = openvino_core().get_property("CPU", "INFERENCE_PRECISION_HINT")
     assert info["inference_precision"] == runtime.inference_precision() == \
         {"f32": "f32", "bf16": "bf16", "f16": "f16"}.get(default.get_type_name(), info["inference_precision"])
     with pytest.raises(ValueError, match="stock=True compiles with OpenVINO's defaults"):

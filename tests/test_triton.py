@@ -132,7 +132,7 @@ def test_cli_writes_the_repository(atto_onnx, tmp_path, capsys):
 
 # --- OpenVINO ----------------------------------------------------------------------------------------------------
 def test_openvino_repository_through_the_exporter(atto_onnx, tmp_path):
-    import openvino as ov
+    from deimv2_deploy.runtimes.openvino_backend import openvino_core
 
     store = tmp_path / "store"
     result = export_triton("atto", "openvino", random_weights=True, output_dir=store, max_batch=4, quiet=True,
@@ -149,7 +149,7 @@ def test_openvino_repository_through_the_exporter(atto_onnx, tmp_path):
                  {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY", "ENABLE_BATCH_PADDING": "YES"})
     assert result.spec.parity["ok"]
     # the renamed pair is a loadable IR whose ports are the declared ones, batch axis dynamic
-    model = ov.Core().read_model(str(version / "model.xml"))
+    model = openvino_core().read_model(str(version / "model.xml"))
     for declared, ports in ((config.input, model.inputs), (config.output, model.outputs)):
         by_name = {n: p for p in ports for n in p.get_names()}
         for t in declared:

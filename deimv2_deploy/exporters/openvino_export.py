@@ -43,6 +43,7 @@ from deimv2_deploy.files import atomic_write, work_folder
 from deimv2_deploy.media import read_image
 from deimv2_deploy.preprocess import Preprocessor
 from deimv2_deploy.runtimes.base import INPUT_NAMES, OUTPUT_NAMES
+from deimv2_deploy.runtimes.openvino_backend import openvino_core
 from deimv2_deploy.spec import EXPORTER, METADATA_KEY, ArtifactSpec
 from deimv2_deploy.variants import get_variant_info
 
@@ -152,7 +153,7 @@ def save_ir(model: Any, final_xml: Path, compress_to_fp16: bool) -> None:
 
     def readable(tmps: list[Path]) -> None:
         try:
-            ov.Core().read_model(str(tmps[0]), str(tmps[1]))
+            openvino_core().read_model(str(tmps[0]), str(tmps[1]))
         except RuntimeError as e:
             raise OSError(f"{final_xml} did not read back ({str(e).strip().splitlines()[-1]}): was the disk "
                           "full?") from e
@@ -271,7 +272,7 @@ def export_openvino(variant: str, *, precision: str = "fp32", checkpoint: str | 
     drift = None
     if precision == "int8":
         steps(f"quantizing to INT8 with NNCF on {len(calibration_paths)} images from {calibration}")
-        core = ov.Core()
+        core = openvino_core()
         fp32 = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         fp32_outputs = _run(fp32, check.as_inputs())
         ov_model = quantize_int8(ov_model, calibration_paths, spec, calibration_size, float_patterns)

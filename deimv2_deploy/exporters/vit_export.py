@@ -21,6 +21,7 @@ import numpy as np
 from deimv2_deploy.exporters.common import ExportResult, Steps, library_versions, resolve_store
 from deimv2_deploy.exporters.parity import ParityError
 from deimv2_deploy.files import atomic_write, file_sha256, work_folder
+from deimv2_deploy.runtimes.openvino_backend import openvino_core
 from deimv2_deploy.spec import EXPORTER
 from deimv2_deploy.vit_spec import VitSpec
 
@@ -174,9 +175,7 @@ def _openvino_model(onnx_path: Path) -> Any:
 
 
 def _run_openvino(model: Any, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     result = compiled({"pixel_values": pixels})
     return {n: np.array(result[compiled.output(n)]) for n in spec.output_names}
 

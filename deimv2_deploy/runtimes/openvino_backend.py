@@ -43,6 +43,30 @@ def _import_openvino():
     return openvino
 
 
+_CORE: Any = None
+_CORE_LOCK = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one OpenVINO `Core`, created on first use and never released. Every Core this package
+    uses is this one.
+
+    Why: each Core loads its own CPU plugin, and that plugin (OpenVINO 2025-2026, `SigAltStackSetup`) installs a
+    fresh alternate signal stack on the thread that creates it and, when destroyed, puts back the one it found,
+    on whichever thread destroys it, and unmaps its own. Cores released out of creation order, or on another
+    thread (a serving replica, a video pipeline's thread, the garbage collector), leave the creating thread's
+    signal stack pointing at unmapped memory; the next signal Python handles there (Ctrl-C, SIGTERM, a
+    DataLoader's SIGCHLD) then kills the process with SIGSEGV. One Core that lives as long as the process
+    keeps one plugin and its stack (tests/test_openvino.py reproduces the crash with two Cores)."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            core = _import_openvino().Core()
+            core.get_property("CPU", "FULL_DEVICE_NAME")  # load the CPU plugin now, on this (usually the main) thread
+            _CORE = core
+        return _CORE
+
+
 def openvino_device_name(device: str, available: Sequence[str]) -> str:
     """OpenVINO's name for `device` ("cpu" -> "CPU", "gpu.1" -> "GPU.1", "auto" -> "AUTO"), checked against
     the devices OpenVINO found here (`available`, from `Core().available_devices`)."""
@@ -211,7 +235,6 @@ class OpenVinoRuntime(Runtime):
                  threads: int | None = None, streams: int | str | None = None, mode: str = "latency",
                  inference_precision: str | None = None, fixed_batch_one: bool = True, precision: str | None = None,
                  stock: bool = False) -> None:
-        ov = _import_openvino()
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"artifact not found: {self.path}")
@@ -221,7 +244,7 @@ class OpenVinoRuntime(Runtime):
             raise ValueError(f"threads must be >= 1 (or None for OpenVINO's choice), got {threads}")
         if streams is not None and not (str(streams).upper() == "AUTO" or str(streams).isdigit() and int(streams) >= 1):
             raise ValueError(f"streams must be a number >= 1, 'auto' or None, got {streams!r}")
-        self.core = ov.Core()
+        self.core = openvino_core()
         self.ov_device = openvino_device_name(device, self.core.available_devices)
         model = _read_model(self.core, self.path)
         spec = read_openvino_spec(model, self.path, variant)

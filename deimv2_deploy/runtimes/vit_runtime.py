@@ -21,6 +21,7 @@ import numpy as np
 from deimv2_deploy.embeddings import Embeddings
 from deimv2_deploy.errors import BackendUnavailableError
 from deimv2_deploy.preprocess import as_rgb_uint8, image_list, resize_like_pil
+from deimv2_deploy.runtimes.openvino_backend import openvino_core
 from deimv2_deploy.segmentation import (
     TOP_K_INSTANCES,
     Segmentation,
@@ -59,11 +60,11 @@ def read_vit_spec(path: str | os.PathLike) -> VitSpec | None:
             text = {m.key: m.value for m in proto.metadata_props}.get(VIT_METADATA_KEY)
     elif suffix == ".xml":
         try:
-            import openvino as ov
-        except ImportError:
+            core = openvino_core()
+        except BackendUnavailableError:
             return None
         try:
-            model = ov.Core().read_model(str(p))
+            model = core.read_model(str(p))
         except Exception:  # noqa: BLE001 - the detector path reports unreadable IR
             return None
         if model.has_rt_info([VIT_METADATA_KEY]):
@@ -90,14 +91,10 @@ class _OrtGraph:
 
 class _OpenVinoGraph:
     def __init__(self, path: Path, threads: int | None) -> None:
-        try:
-            import openvino as ov
-        except ImportError as e:
-            raise BackendUnavailableError("openvino is not installed: pip install openvino") from e
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # FP32 artifacts run in FP32 (no bf16 on AMX)
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.compiled = openvino_core().compile_model(str(path), "CPU", config)
         # a port may carry several tensor names (the ONNX name among them): report the one the graph contract uses
         wanted = ("pixel_values", "last_hidden_state", "pooler_output", "class_queries_logits", "masks_queries_logits")
 
