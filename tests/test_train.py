@@ -115,11 +115,10 @@ def test_resume_continues_the_same_run_exactly(tiny_dataset, tmp_path):
         result = step(*args, **kwargs)
         calls.append(1)
         if len(calls) == 3:
-            # what the SIGTERM handler does (finish the iteration, save, stop); the real signal is sent to a real
-            # process in test_cli_sigterm_saves_last_checkpoint_and_exits_143. Not os.kill here: after the OpenVINO,
-            # ONNX Runtime and Ray tests, a SIGTERM to the pytest process itself has crashed it (SIGSEGV in kill)
-            assert signal.getsignal(signal.SIGTERM) == stopped._on_signal  # the trainer's handler is installed
-            stopped._on_signal(signal.SIGTERM, None)
+            # a real SIGTERM to this process (as `docker stop` sends): the handler finishes the iteration, saves,
+            # stops. (This once crashed the test session: OpenVINO Cores released out of order had left the main
+            # thread's signal stack unmapped; see openvino_backend.openvino_core and conftest.py's check.)
+            os.kill(os.getpid(), signal.SIGTERM)
         return result
 
     stopped._step = step_then_signal
