@@ -180,11 +180,12 @@ def test_json_schema_is_stable(fake_result, tmp_path):
     data = json.loads(write_json(fake_result, tmp_path / "r.json").read_text())
     assert data["schema_version"] == SCHEMA_VERSION == 1
     assert set(data) == {"schema_version", "tool", "created_utc", "elapsed_s", "command", "config", "system",
-                         "accuracy", "rows"}
+                         "accuracy", "rows", "choice"}
     assert set(data["config"]) == {"sizes", "backends", "precisions", "device", "batches", "threads", "warmup",
                                    "iters", "seconds", "mode", "video", "random_weights", "checkpoint_dir",
-                                   "checkpoint", "calibration", "parity", "interleave", "accuracy"}
+                                   "checkpoint", "calibration", "parity", "interleave", "accuracy", "max_ap_drop"}
     assert data["accuracy"] is None and data["config"]["accuracy"] is None  # no --accuracy
+    assert data["choice"] is None and data["config"]["max_ap_drop"] is None
     assert {"cpu", "threads", "gpus", "libraries", "os", "python", "command", "load_average"} <= set(data["system"])
     row_keys = {"size", "backend", "precision", "batch", "mode", "tier", "device", "device_name", "threads", "status",
                 "reason", "artifact", "artifact_reused", "prepare_s", "backend_version", "weights", "random_weights",
@@ -455,6 +456,9 @@ def test_accuracy_options_and_bad_datasets_are_one_line_errors(person_dataset, t
         (["--accuracy", "--annotations", str(tmp_path / "none.json"), "--images", str(images)],
          "annotation file not found"),
         (["--accuracy", "--data", str(tmp_path)], "holds no 'val' split"),
+        (["--max-ap-drop", "0.5"], "--max-ap-drop chooses among rows by their measured AP: add --accuracy"),
+        (["--accuracy", "--images", str(images), "--annotations", str(ann), "--max-ap-drop", "-1"],
+         "cannot be negative"),
     ]
     for extra, says in cases:
         assert bench_main([*base, *extra]) == 1
@@ -504,3 +508,61 @@ def test_a_given_checkpoint_gets_its_own_store_folder(tmp_path):
         BenchConfig(sizes=("atto",), checkpoint=str(a), random_weights=True)
     with pytest.raises(FileNotFoundError, match="no such file"):
         BenchConfig(sizes=("atto",), checkpoint=str(tmp_path / "missing.pth"))
+
+
+# --- --max-ap-drop: the fastest row within an AP budget ------------------------------------------------------------
+def _measured(backend, precision, ms, ap, executed=None, batch=1, size="atto", random=False, status="ok"):
+    return {"size": size, "backend": backend, "precision": precision, "batch": batch, "status": status,
+            "executed_precision": executed, "artifact": f"{backend}-{precision}", "latency_ms": {"mean": ms * batch},
+            "accuracy": {"AP": ap, "random_weights": random}}
+
+
+def test_max_ap_drop_chooses_the_fastest_row_within_the_budget():
+    from deimv2_deploy.benchmarks.choice import choose_within_budget
+
+    rows = [_measured("onnxruntime", "fp32", 12.0, 0.530), _measured("openvino", "fp32", 11.0, 0.531),
+            _measured("openvino", "auto", 7.0, 0.528, executed="bf16"),  # -0.3 points
+            _measured("openvino", "int8", 6.0, 0.520, executed="int8+f32"),  # -1.1 points: fastest, over 0.5
+            _measured("onnxruntime", "fp16", 5.0, None),  # no AP (e.g. its evaluation failed): never chosen
+            _measured("tensorrt", "fp16", 1.0, 0.6, status="skipped")]
+    (entry,) = choose_within_budget(rows, 0.5)
+    assert entry["reference"]["backend"] == "openvino" and entry["reference"]["AP"] == 0.531  # best exact FP32
+    assert (entry["chosen"]["precision"], entry["chosen"]["executed_precision"]) == ("auto", "bf16")
+    assert entry["chosen"]["ap_drop"] == pytest.approx(0.3) and entry["chosen"]["speedup_vs_reference"] == \
+        pytest.approx(11 / 7, abs=1e-3)
+    assert [(r["precision"], r["ap_drop"]) for r in entry["faster_over_budget"]] == [("int8", pytest.approx(1.1))]
+    (loose,) = choose_within_budget(rows, 2.0)
+    assert loose["chosen"]["precision"] == "int8" and loose["faster_over_budget"] == []
+    (strict,) = choose_within_budget(rows, 0.0)  # nothing may drop: the fastest FP32 (or better) row
+    assert strict["chosen"]["backend"] == "openvino" and strict["chosen"]["precision"] == "fp32"
+    # an "fp32" row that ran bf16 (stock OpenVINO on AMX) is not the reference; random weights choose nothing
+    no_ref = choose_within_budget([_measured("openvino", "fp32", 7.0, 0.5, executed="bf16")], 0.5)
+    assert "no FP32 row" in no_ref[0]["error"]
+    random = choose_within_budget([_measured("onnxruntime", "fp32", 12.0, 0.01, random=True)], 0.5)
+    assert "random weights" in random[0]["error"]
+    # per size and batch
+    both = choose_within_budget([*rows, _measured("onnxruntime", "fp32", 40.0, 0.6, size="n"),
+                                 _measured("onnxruntime", "fp32", 8.0, 0.53, batch=4)], 0.5)
+    assert [(e["size"], e["batch"]) for e in both] == [("atto", 1), ("n", 1), ("atto", 4)]
+    assert both[2]["chosen"]["ms_per_image"] == pytest.approx(8.0)  # latency per image at batch 4
+
+
+def test_max_ap_drop_in_the_report(person_dataset):
+    """The exact fake row (AP 1.0) is the reference; the shifted one (AP 0.1) is 90 points below it: a budget
+    of 95 points takes it where it is faster, 0.5 does not. The report's section says so."""
+    from deimv2_deploy.benchmarks.choice import choose_within_budget
+
+    images, ann = person_dataset
+    loaders = fake_loaders(torch={}, fake={"box_shift": 1.0})
+    result = run_benchmark(fake_config(iters=3, accuracy_images=str(images), accuracy_annotations=str(ann),
+                                       max_ap_drop=0.5), loaders=loaders)
+    assert result.choice and "random weights" in result.choice[0]["error"]  # the fakes say random weights
+    assert "## Fastest within 0.5 AP points of FP32" in to_markdown(result)
+    rows = [r.to_dict() for r in result.rows]
+    for row in rows:
+        row["accuracy"]["random_weights"] = False  # as if trained: the choice itself
+    (entry,) = choose_within_budget(rows, 0.5)
+    assert entry["reference"]["AP"] == pytest.approx(1.0) and entry["chosen"]["AP"] == pytest.approx(1.0)
+    result.choice = [entry]
+    md = to_markdown(result)
+    assert "**torch fp32**" in md and "0.0 points below FP32's 1.000" in md

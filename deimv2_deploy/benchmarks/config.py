@@ -60,6 +60,7 @@ class BenchConfig:
     accuracy_images: str | None = None  # with accuracy_annotations: every row also measures COCO AP on this dataset
     accuracy_annotations: str | None = None
     max_images: int | None = None  # accuracy on the first N images only
+    max_ap_drop: float | None = None  # AP points: choose the fastest row within this drop from FP32 (choice.py)
 
     def __post_init__(self) -> None:
         sizes = tuple(get_variant_info(s).name for s in self.sizes)  # raises on unknown sizes
@@ -107,6 +108,12 @@ class BenchConfig:
                 raise ValueError("--max-images bounds the accuracy dataset: add --accuracy")
             if self.max_images < 1:
                 raise ValueError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.max_ap_drop is not None:
+            if not self.accuracy:
+                raise ValueError("--max-ap-drop chooses among rows by their measured AP: add --accuracy and a dataset")
+            if not self.max_ap_drop >= 0:
+                raise ValueError(f"--max-ap-drop is in AP points (0.5 allows AP 53.0 -> 52.5) and cannot be negative, "
+                                 f"got {self.max_ap_drop}")
         if self.checkpoint is not None:
             if self.random_weights:
                 raise ValueError("--checkpoint and --random-weights contradict each other: pass one")
@@ -161,7 +168,8 @@ class BenchConfig:
                 "calibration": self.calibration, "parity": self.parity, "interleave": self.interleave,
                 "accuracy": None if not self.accuracy else {"images": self.accuracy_images,
                                                             "annotations": self.accuracy_annotations,
-                                                            "max_images": self.max_images}}
+                                                            "max_images": self.max_images},
+                "max_ap_drop": self.max_ap_drop}
 
 
 @dataclass(frozen=True)
@@ -242,9 +250,10 @@ class BenchResult:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     elapsed_s: float = 0.0
     accuracy: dict[str, Any] | None = None  # --accuracy: the dataset and evaluator every row's AP was measured with
+    choice: list[dict[str, Any]] | None = None  # --max-ap-drop: per size and batch, the fastest row within budget
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "tool": "deimv2-bench", "created_utc": self.created,
                 "elapsed_s": round(self.elapsed_s, 3), "command": self.system.get("command"),
                 "config": self.config.to_dict(), "system": self.system, "accuracy": self.accuracy,
-                "rows": [r.to_dict() for r in self.rows]}
+                "rows": [r.to_dict() for r in self.rows], "choice": self.choice}

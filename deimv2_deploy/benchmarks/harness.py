@@ -41,6 +41,7 @@ from deimv2_deploy.benchmarks.artifacts import (
     load_torch_reference,
 )
 from deimv2_deploy.benchmarks.calls import References, bench_inputs, row_call, row_parity, video_timing
+from deimv2_deploy.benchmarks.choice import choose_within_budget
 from deimv2_deploy.benchmarks.config import (
     BACKEND_ORDER,
     MODES,
@@ -280,6 +281,8 @@ def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = No
             _speedups(result.rows)
             result.elapsed_s = time.perf_counter() - t0
             system["load_average_end"] = load_average()
+            if config.max_ap_drop is not None:
+                result.choice = choose_within_budget([r.to_dict() for r in result.rows], config.max_ap_drop)
             if on_row:
                 on_row(result)
     return result

@@ -209,7 +209,33 @@ def to_markdown(result: BenchResult | dict[str, Any], title: str = "DEIMv2 laten
            "weights say so: their AP measures nothing)." if accuracy else ""),
         "",
     ]
+    if data.get("choice"):
+        lines += _choice_lines(data["choice"])
     return "\n".join(lines)
+
+
+def _row_name(entry: dict[str, Any]) -> str:
+    ran = entry["executed_precision"]
+    return f"{entry['backend']} {entry['precision']}" + (f" (ran {ran})" if ran != entry["precision"] else "")
+
+
+def _choice_lines(choice: list[dict[str, Any]]) -> list[str]:
+    """--max-ap-drop: the fastest row within the AP budget, per size and batch (see benchmarks/choice.py)."""
+    budget = choice[0]["max_ap_drop"]
+    lines = [f"## Fastest within {budget:g} AP points of FP32 (--max-ap-drop)", ""]
+    for entry in choice:
+        head = f"- {entry['size']} batch {entry['batch']}: "
+        if entry.get("error"):
+            lines.append(head + f"no choice: {entry['error']}")
+            continue
+        chosen, ref = entry["chosen"], entry["reference"]
+        lines.append(head + f"**{_row_name(chosen)}**, {_num(chosen['ms_per_image'])} ms per image, AP "
+                     f"{chosen['AP']:.3f} ({chosen['ap_drop']:+.1f} points below FP32's {ref['AP']:.3f} of "
+                     f"{_row_name(ref)}, {_num(ref['ms_per_image'])} ms): {chosen['speedup_vs_reference']:.2f}x")
+        for r in entry["faster_over_budget"]:
+            lines.append(f"  - faster but over the budget: {_row_name(r)}, {_num(r['ms_per_image'])} ms, AP drop "
+                         f"{r['ap_drop']:.1f} points")
+    return [*lines, ""]
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:

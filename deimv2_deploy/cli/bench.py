@@ -26,6 +26,8 @@ Examples:
                --mode predict --interleave --threads 2 --seconds 8 --random-weights
   deimv2-bench --sizes atto,s --backends torch,onnxruntime,openvino --precision fp32,fp16,int8 \
                --accuracy --data coco --max-images 500     # AP and AP50 beside every row's latency
+  deimv2-bench --sizes atto --checkpoint my.pth --backends onnxruntime,openvino --precision fp32,fp16,int8,auto \
+               --accuracy --data my_dataset --max-ap-drop 0.5    # + the fastest row within 0.5 AP points of FP32
 """
 
 
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(DIR/annotations/instances_<split>.json + DIR/<split>/)")
     acc.add_argument("--split", default="val", help="split to look for with --data (default val)")
     acc.add_argument("--max-images", type=_positive_int, metavar="N", help="evaluate the first N images only")
+    acc.add_argument("--max-ap-drop", type=float, metavar="POINTS",
+                     help="choose, per size, the fastest row whose AP is at most POINTS AP points (x100) below the "
+                          "FP32 row's (e.g. 0.5: AP 53.0 -> 52.5); list the precisions to choose from in --precision")
     p.add_argument("--no-parity", action="store_true", help="skip the detection parity check against PyTorch")
     p.add_argument("--output", help="write the results as JSON (schema_version 1; updated after every row)")
     p.add_argument("--markdown", help="write the markdown table to this file")
@@ -164,7 +169,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         calibration=args.calibration, parity=not args.no_parity, progress=not args.quiet,
         keep_samples=not args.no_samples, command=command, interleave=args.interleave,
         accuracy_images=None if dataset is None else str(dataset.images_dir),
-        accuracy_annotations=None if dataset is None else str(dataset.annotation_file), max_images=args.max_images)
+        accuracy_annotations=None if dataset is None else str(dataset.annotation_file), max_images=args.max_images,
+        max_ap_drop=args.max_ap_drop)
     on_row = (lambda partial: write_json(partial, args.output)) if args.output else None
     result = run_benchmark(config, on_row=on_row)
     text = to_markdown(result, args.title)
