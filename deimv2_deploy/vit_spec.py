@@ -10,7 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-__all__ = ["VitSpec", "VIT_METADATA_KEY", "VIT_SPEC_FORMAT", "GRAPH_IO", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["VitSpec", "parse_stuff_classes", "VIT_METADATA_KEY", "VIT_SPEC_FORMAT", "GRAPH_IO", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 VIT_METADATA_KEY = "deimv2.vit_spec"
 VIT_SPEC_FORMAT = 1
@@ -44,6 +45,9 @@ class VitSpec:
     class_names: tuple[str, ...] = ()  # EoMT: label order of class_queries_logits (the last column is no-object)
     num_queries: int = 0  # EoMT
     masked_attention: tuple[float, ...] = ()  # EoMT: attn_mask_probs baked into the graph (each 0 or 1)
+    # EoMT panoptic: the labels that are stuff (one segment per class); () = every class is a thing; None = not
+    # known (transformers' config does not keep it; `deimv2-export eomt --stuff-classes` records it)
+    stuff_classes: tuple[int, ...] | None = None
     weights: str = "unknown"
     precision: str = "fp32"
     batch: int | None = None  # None: dynamic batch axis
@@ -67,6 +71,14 @@ class VitSpec:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
         object.__setattr__(self, "masked_attention", tuple(float(p) for p in self.masked_attention))
+        if self.stuff_classes is not None:
+            if self.family != "eomt":
+                raise ValueError(f"stuff_classes are for EoMT artifacts, not {self.family}")
+            stuff = tuple(sorted({int(c) for c in self.stuff_classes}))
+            bad = [c for c in stuff if not 0 <= c < len(self.class_names)]
+            if bad:
+                raise ValueError(f"stuff class {bad[0]} is not a label of this model (0..{len(self.class_names) - 1})")
+            object.__setattr__(self, "stuff_classes", stuff)
         object.__setattr__(self, "resize", self.resize or _PREPROCESS[self.family])
 
     @property
@@ -89,6 +101,8 @@ class VitSpec:
         d = asdict(self)
         for name in ("input_size", "mean", "std", "class_names", "masked_attention"):
             d[name] = list(d[name])
+        if d["stuff_classes"] is not None:
+            d["stuff_classes"] = list(d["stuff_classes"])
         return d
 
     @classmethod
@@ -101,6 +115,8 @@ class VitSpec:
         for name in ("input_size", "mean", "std", "class_names", "masked_attention"):
             if name in kwargs:
                 kwargs[name] = tuple(kwargs[name])
+        if kwargs.get("stuff_classes") is not None:
+            kwargs["stuff_classes"] = tuple(kwargs["stuff_classes"])
         return cls(**kwargs)
 
     def to_metadata(self) -> dict[str, str]:
@@ -118,8 +134,41 @@ class VitSpec:
 
     def describe(self) -> str:
         h, w = self.input_size
-        what = (f"EoMT-DINOv3 ({len(self.class_names)} classes, {self.num_queries} queries, masked attention "
-                f"{list(self.masked_attention)})" if self.family == "eomt" else
+        stuff = ("unknown" if self.stuff_classes is None else
+                 f"{len(self.stuff_classes)} stuff / {len(self.class_names) - len(self.stuff_classes)} thing")
+        what = (f"EoMT-DINOv3 ({len(self.class_names)} classes ({stuff}), {self.num_queries} queries, masked "
+                f"attention {list(self.masked_attention)})" if self.family == "eomt" else
                 f"DINOv3 ViT (dim {self.hidden_size}, {self.num_register_tokens} registers)")
         batch = "dynamic" if self.batch is None else str(self.batch)
         return f"{what} {h}x{w}, patch {self.patch_size}, {self.precision}, batch {batch}, weights: {self.weights}"
+
+
+def parse_stuff_classes(value: str | list | tuple, class_names: tuple[str, ...]) -> tuple[int, ...]:
+    """The stuff labels from "80-132", "0,3,5-9", class names ("sky,grass"), a list of ints/names, or "none" (no
+    class is stuff); ValueError naming the item that is neither a label of the model nor one of its class names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("none", ""):
+            return ()
+        items: list = [t.strip() for t in text.split(",") if t.strip()]
+    else:
+        items = list(value)
+    index = {name: i for i, name in enumerate(class_names)}
+    n = len(class_names)
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, str) and item in index:
+            out.add(index[item])
+            continue
+        text = str(item).strip()
+        first, dash, last = text.partition("-")
+        try:
+            lo, hi = (int(first), int(last)) if dash and first else (int(text), int(text))
+        except ValueError:
+            raise ValueError(f"stuff class {text!r} is neither a label 0..{n - 1} (or a range LOW-HIGH) nor one of "
+                             f"the model's class names ({', '.join(class_names[:3])}{', ...' if n > 3 else ''})") \
+                from None
+        if not 0 <= lo <= hi < n:
+            raise ValueError(f"stuff classes {text!r} lie outside this model's labels 0..{n - 1}")
+        out.update(range(lo, hi + 1))
+    return tuple(sorted(out))

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_input_size, metavar="H[xW]",
                    help="dinov3: the fixed image size of the graph (default: the config's image_size); "
                         "EoMT's is fixed by its config")
+    p.add_argument("--stuff-classes", metavar="LABELS",
+                   help="eomt: the classes panoptic segmentation treats as stuff (one segment per class), as labels "
+                        "and ranges (COCO panoptic: 80-132) or class names, comma-separated; 'none': every class is a "
+                        "thing. Recorded in the artifact; transformers' config does not hold it, so without this "
+                        "option the artifact's panoptic task needs stuff_classes at run time")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.add_argument("--fp16", action="store_true", help="the same as --precision fp16 (ONNX)")
     p.add_argument("--calibration", help="INT8 calibration images (OpenVINO, TensorRT, ONNX Q/DQ): a folder of "
@@ -132,7 +137,8 @@ def _export_vit(args: argparse.Namespace):
     if args.precision not in (None, "fp32") or args.fp16:
         raise ValueError(f"{args.size} exports in FP32 for now: leave out --precision/--fp16")
     return export_vit(args.size, args.checkpoint, output_dir=args.output_dir, fmt=args.format, opset=args.opset,
-                      batch=args.batch, input_size=args.input_size, quiet=args.quiet)
+                      batch=args.batch, input_size=args.input_size, stuff_classes=args.stuff_classes,
+                      quiet=args.quiet)
 
 
 def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
@@ -288,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"{args.size} has no --random-weights: give --checkpoint FOLDER")
     if args.size not in VIT_FAMILY_NAMES and args.input_size is not None:
         build_parser().error("--input-size is for dinov3 (DEIMv2 sizes have fixed input sizes)")
+    if args.size != "eomt" and args.stuff_classes is not None:
+        build_parser().error("--stuff-classes is for eomt (panoptic segmentation)")
 
     def body() -> int:
         if args.size in VIT_FAMILY_NAMES:

@@ -1,4 +1,5 @@
-"""deimv2-infer ARTIFACT INPUT...: detections on images, folders and videos (any backend).
+"""deimv2-infer ARTIFACT INPUT...: detections on images, folders and videos (any backend); EoMT-DINOv3 segmentation
+and DINOv3 features on images and folders (cli/infer_vit.py).
 
 Options go anywhere on the line (`deimv2-infer model.onnx --score 0.5 photo.jpg`). Images: one annotated image
 (and with --json one `<name>.json`) per input in --output-dir, each under a name no other input shares; `--json
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "artifacts); the precision that really ran is printed and in --json")
     p.add_argument("--letterbox", action="store_true", help="keep aspect ratio (pad) instead of stretching")
     p.add_argument("--no-draw", action="store_true", help="do not write annotated images/video")
+    seg = p.add_argument_group("EoMT-DINOv3 / DINOv3 artifacts (deimv2-export eomt|dinov3)")
+    seg.add_argument("--task", action="append", metavar="semantic|instance|panoptic",
+                     help="EoMT: the tasks to run (repeat, or comma-separate); default semantic and instance, plus "
+                          "panoptic when the artifact records its stuff classes. --score filters instances in the "
+                          "drawing and the JSON, --max-detections caps them")
+    seg.add_argument("--stuff-classes", metavar="LABELS",
+                     help="EoMT panoptic: the stuff classes (80-132, names, or none), overriding the artifact's")
     try:
         from deimv2_deploy.cli.video_cli import add_video_arguments
     except ImportError:
@@ -103,12 +111,29 @@ def main(argv: list[str] | None = None) -> int:
         options = {"threads": args.threads} if args.threads else {}
         video = _is_video(args)
         if video:
+            from deimv2_deploy.runtimes.vit_runtime import read_vit_spec
             from deimv2_deploy.video import video_runtime_options
+
+            vit = read_vit_spec(args.artifact) if Path(args.artifact).suffix.lower() in (".onnx", ".xml") else None
+            if vit is not None:
+                raise ValueError(f"{vit.family} artifacts take images and folders for now, not videos or cameras: "
+                                 "extract frames first (e.g. ffmpeg -i clip.mp4 frames/%05d.jpg)")
 
             options.update(video_runtime_options(args.artifact, args.backend))
         t0 = time.perf_counter()
         runtime = load_runtime(args.artifact, backend=args.backend, device=args.device, variant=args.variant,
                                precision=args.precision, **options)
+        from deimv2_deploy.runtimes.vit_runtime import VitRuntime
+
+        if isinstance(runtime, VitRuntime):
+            from deimv2_deploy.cli.infer_vit import run_vit_images
+
+            print(f"loaded {args.artifact} on {runtime.backend}/cpu in {time.perf_counter() - t0:.2f} s: "
+                  f"{runtime.spec.describe()}", file=sys.stderr)
+            return run_vit_images(args, runtime)
+        if args.task or args.stuff_classes is not None:
+            raise ValueError(f"--task and --stuff-classes are for EoMT segmentation artifacts; {args.artifact} is a "
+                             "DEIMv2 detector: leave them out")
         if args.letterbox:
             from deimv2_deploy.preprocess import Preprocessor
 

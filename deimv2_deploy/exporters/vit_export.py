@@ -23,7 +23,7 @@ from deimv2_deploy.exporters.parity import ParityError
 from deimv2_deploy.files import atomic_write, file_sha256, work_folder
 from deimv2_deploy.runtimes.openvino_backend import openvino_core
 from deimv2_deploy.spec import EXPORTER
-from deimv2_deploy.vit_spec import VitSpec
+from deimv2_deploy.vit_spec import VitSpec, parse_stuff_classes
 
 __all__ = ["export_vit", "vit_spec_for", "vit_artifact_name", "VIT_FORMATS", "ATOL", "RTOL"]
 
@@ -192,9 +192,14 @@ def _publish_openvino(model: Any, final: Path, spec: VitSpec) -> None:
 
 def export_vit(family: str, checkpoint: str | os.PathLike, *, output_dir: str | os.PathLike | None = None,
                fmt: str = "onnx", opset: int = 17, batch: int | None = None,
-               input_size: tuple[int, int] | None = None, quiet: bool = False) -> ExportResult:
+               input_size: tuple[int, int] | None = None, stuff_classes: str | list | tuple | None = None,
+               quiet: bool = False) -> ExportResult:
     """Export a transformers DINOv3 ViT (`family="dinov3"`) or EoMT-DINOv3 (`"eomt"`) folder to ONNX or OpenVINO IR
-    (FP32) in the model store; raises ParityError (writing nothing) when the export disagrees with transformers."""
+    (FP32) in the model store; raises ParityError (writing nothing) when the export disagrees with transformers.
+
+    `stuff_classes` (EoMT): the labels panoptic segmentation merges into one segment per class ("80-132", names,
+    a list, or "none"), recorded in the metadata; transformers' config does not keep them, so without this option
+    the artifact's panoptic split is unknown and its runtime asks for it."""
     from deimv2_deploy.models.hf_vit import VIT_FAMILIES, load_vit_model
 
     if family not in VIT_FAMILIES:
@@ -203,11 +208,15 @@ def export_vit(family: str, checkpoint: str | os.PathLike, *, output_dir: str | 
         raise ValueError(f"{family} exports to {' or '.join(VIT_FORMATS)} (FP32) for now, not {fmt!r}")
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be at least 1 (or None for dynamic), got {batch}")
+    if stuff_classes is not None and family != "eomt":
+        raise ValueError(f"--stuff-classes is for eomt (panoptic segmentation), not {family}: leave it out")
     steps = Steps(f"{fmt} {family}", 5 if fmt == "onnx" else 6, quiet)
     steps(f"loading {checkpoint}")
     model, folder = load_vit_model(checkpoint, family)
     weights = f"{folder.path} (sha256 {file_sha256(folder.weights[0])[:16]})"
-    spec = vit_spec_for(model, folder, input_size, weights=weights, batch=batch, exporter=EXPORTER)
+    stuff = None if stuff_classes is None else parse_stuff_classes(stuff_classes, folder.class_names)
+    spec = vit_spec_for(model, folder, input_size, weights=weights, batch=batch, exporter=EXPORTER,
+                        stuff_classes=stuff)
     store = resolve_store(output_dir)
     ext = ".onnx" if fmt == "onnx" else ".xml"
     final = store / vit_artifact_name(folder.path, folder.model_type, spec.input_size, "fp32", batch, ext)

@@ -4,6 +4,8 @@
     seg = load_runtime("models/eomt_dinov3_coco_640x640_fp32.onnx").predict(cv2.imread("street.jpg"))
     seg.semantic        # (H, W) class index per pixel
     seg.instances       # top-100 overlapping masks, scores, labels (the official instance output)
+    seg = runtime.predict(image, tasks="panoptic")
+    seg.panoptic        # (H, W) segment ids + segments (label, score, is_thing, area): the official panoptic output
 
 The graph (pixel_values -> transformers' outputs) runs on ONNX Runtime or OpenVINO; the spec in the artifact's
 metadata (vit_spec.py) gives the input size and normalisation; segmentation.py holds the official EoMT pre- and
@@ -27,15 +29,17 @@ from deimv2_deploy.segmentation import (
     Segmentation,
     instance_canvas,
     instances_from_outputs,
+    panoptic_from_outputs,
     semantic_from_windows,
     semantic_windows,
 )
-from deimv2_deploy.vit_spec import VIT_METADATA_KEY, VitSpec
+from deimv2_deploy.vit_spec import VIT_METADATA_KEY, VitSpec, parse_stuff_classes
 
 __all__ = ["VitRuntime", "Dinov3Runtime", "EomtRuntime", "read_vit_spec", "load_vit_runtime", "EOMT_TASKS",
-           "VIT_BACKENDS"]
+           "DEFAULT_EOMT_TASKS", "VIT_BACKENDS"]
 
-EOMT_TASKS = ("semantic", "instance")
+EOMT_TASKS = ("semantic", "instance", "panoptic")
+DEFAULT_EOMT_TASKS = ("semantic", "instance")  # panoptic needs the thing/stuff split, which not every artifact has
 VIT_BACKENDS = ("onnxruntime", "openvino")
 
 
@@ -197,13 +201,27 @@ class Dinov3Runtime(VitRuntime):
 
 
 class EomtRuntime(VitRuntime):
-    """EoMT-DINOv3 segmentation: `predict(image)` -> Segmentation (semantic map and instance segments)."""
+    """EoMT-DINOv3 segmentation: `predict(image)` -> Segmentation (semantic map, instance and panoptic segments)."""
 
-    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: Sequence[str] = EOMT_TASKS,
-                color: str = "bgr", top_k: int = TOP_K_INSTANCES) -> Segmentation | list[Segmentation]:
-        """Images uint8 (H, W, 3), BGR unless color="rgb", any size. `tasks`: "semantic" (official sliding windows)
-        and/or "instance" (official top-k over (query, class) pairs); each task runs its own official preprocessing,
-        so asking for both costs two passes."""
+    def stuff_classes(self, override: str | Sequence[int | str] | None = None) -> tuple[int, ...]:
+        """The stuff labels for panoptic: `override` if given, else the artifact's; ValueError when neither says."""
+        if override is not None:
+            return parse_stuff_classes(override if isinstance(override, str) else list(override),
+                                       self.spec.class_names)
+        if self.spec.stuff_classes is None:
+            raise ValueError(f"{self.path.name} does not record which classes are stuff, which panoptic segmentation "
+                             "needs (transformers' config does not hold it): re-export with `deimv2-export eomt "
+                             "--stuff-classes 80-132` (COCO panoptic; 'none' if every class is a thing) or pass "
+                             "stuff_classes (deimv2-infer: --stuff-classes)")
+        return self.spec.stuff_classes
+
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: str | Sequence[str] = DEFAULT_EOMT_TASKS,
+                color: str = "bgr", top_k: int = TOP_K_INSTANCES,
+                stuff_classes: str | Sequence[int | str] | None = None) -> Segmentation | list[Segmentation]:
+        """Images uint8 (H, W, 3), BGR unless color="rgb", any size. `tasks`: "semantic" (official sliding windows),
+        "instance" (official top-k over (query, class) pairs) and/or "panoptic" (official: one segment per kept
+        query or stuff class). Semantic runs its own windows; instance and panoptic share one pass over the padded
+        canvas. Panoptic takes its stuff classes from `stuff_classes` or else the artifact (ValueError if neither)."""
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         unknown = [t for t in tasks if t not in EOMT_TASKS]
         if unknown or not tasks:
@@ -211,12 +229,14 @@ class EomtRuntime(VitRuntime):
             raise ValueError(f"unknown task {bad!r}: choose from {', '.join(EOMT_TASKS)}")
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        stuff = self.stuff_classes(stuff_classes) if "panoptic" in tasks else ()
         items, single = image_list(images)
         rgbs = [as_rgb_uint8(x, color) for x in items]
         size = self.spec.input_size[0]
         names = self.spec.class_names
         semantic: list[np.ndarray | None] = [None] * len(rgbs)
         instances: list[Any] = [None] * len(rgbs)
+        panoptic: list[Any] = [None] * len(rgbs)
         if "semantic" in tasks:
             windows, layout = [], []
             for rgb in rgbs:
@@ -228,13 +248,17 @@ class EomtRuntime(VitRuntime):
                 sl = slice(first, first + count)
                 semantic[i] = semantic_from_windows(out["class_queries_logits"][sl], out["masks_queries_logits"][sl],
                                                     spans, scaled, rgbs[i].shape[:2], size)
-        if "instance" in tasks:
+        if "instance" in tasks or "panoptic" in tasks:
             canvases = [instance_canvas(rgb, size) for rgb in rgbs]
             out = self._infer_many([c for c, _ in canvases])
             for i, (_, scaled) in enumerate(canvases):
-                instances[i] = instances_from_outputs(out["class_queries_logits"][i], out["masks_queries_logits"][i],
-                                                      scaled, rgbs[i].shape[:2], size, top_k, names)
-        results = [Segmentation((int(r.shape[0]), int(r.shape[1])), names, semantic[i], instances[i])
+                classes, masks = out["class_queries_logits"][i], out["masks_queries_logits"][i]
+                if "instance" in tasks:
+                    instances[i] = instances_from_outputs(classes, masks, scaled, rgbs[i].shape[:2], size, top_k,
+                                                          names)
+                if "panoptic" in tasks:
+                    panoptic[i] = panoptic_from_outputs(classes, masks, scaled, rgbs[i].shape[:2], size, stuff, names)
+        results = [Segmentation((int(r.shape[0]), int(r.shape[1])), names, semantic[i], instances[i], panoptic[i])
                    for i, r in enumerate(rgbs)]
         return results[0] if single else results
 

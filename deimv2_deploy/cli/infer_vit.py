@@ -1,0 +1,190 @@
+"""The EoMT-DINOv3 / DINOv3 half of deimv2-infer: images and folders through an EomtRuntime or Dinov3Runtime.
+
+deimv2-infer hands over with `run_vit_images(args, runtime)` when the artifact is one of ours (`deimv2-export eomt |
+dinov3`). Per image, under the same collision-free name the detector path uses (`infer.output_names`):
+- EoMT: `<name>.jpg`, the overlay of each task asked for side by side (semantic | instance | panoptic), and
+  `<name>.json`: instances (score >= --score, best first) and panoptic segments, each with a COCO RLE mask
+  (faster-coco-eval's mask API, counts as text), and `<name>_semantic.png`, the semantic map as a PNG of class
+  indices (8-bit, 16-bit past 255 classes);
+- DINOv3: `<name>.jpg`, the image beside the PCA colouring of its patch embeddings, and `<name>.npz` with `cls`,
+  `registers`, `patches` (rows, cols, D) and `pooled`.
+Every file is written atomically (deimv2_deploy.files). Videos are not taken yet (the video pipeline is built around
+detections); options that only a detector understands are refused in one line.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deimv2_deploy.cli import user_message
+from deimv2_deploy.files import write_bytes, write_text
+from deimv2_deploy.media import expand_image_paths, read_image, write_image
+
+__all__ = ["run_vit_images", "check_vit_options", "parse_tasks", "rle_encode", "segmentation_record"]
+
+
+def parse_tasks(values: list[str] | None, spec: Any) -> tuple[str, ...]:
+    """--task values (repeated or comma-separated) -> EoMT tasks; default: semantic and instance, plus panoptic when
+    the artifact records its stuff classes."""
+    from deimv2_deploy.runtimes.vit_runtime import EOMT_TASKS
+
+    if not values:
+        return ("semantic", "instance") + (("panoptic",) if spec.stuff_classes is not None else ())
+    tasks: list[str] = []
+    for value in values:
+        for task in (t.strip().lower() for t in value.split(",") if t.strip()):
+            if task not in EOMT_TASKS:
+                raise ValueError(f"--task {task!r} is not an EoMT task: choose from {', '.join(EOMT_TASKS)}")
+            if task not in tasks:
+                tasks.append(task)
+    return tuple(tasks)
+
+
+def check_vit_options(args: argparse.Namespace, runtime: Any) -> None:
+    """One line for an option this artifact cannot use (detector-only, or EoMT-only on a DINOv3 artifact)."""
+    family = runtime.spec.family
+    detector_only = [("--letterbox", bool(getattr(args, "letterbox", False))),
+                     ("--precision", getattr(args, "precision", None) not in (None, "fp32")),
+                     ("--json PATH", isinstance(getattr(args, "json", None), str))]
+    for flag, given in detector_only:
+        if given:
+            raise ValueError(f"{flag} is for DEIMv2 detector artifacts; {runtime.path.name} is a {family} artifact "
+                             "(FP32, its own official preprocessing, one JSON per image): leave it out")
+    if family != "eomt":
+        for flag, given in (("--task", bool(getattr(args, "task", None))),
+                            ("--stuff-classes", getattr(args, "stuff_classes", None) is not None),
+                            ("--max-detections", getattr(args, "max_detections", None) is not None)):
+            if given:
+                raise ValueError(f"{flag} is for EoMT segmentation artifacts; {runtime.path.name} is a DINOv3 "
+                                 "feature extractor: leave it out")
+
+
+def rle_encode(masks: np.ndarray) -> list[dict[str, Any]]:
+    """bool (K, H, W) -> COCO RLE dicts {"size": [H, W], "counts": str} (faster-coco-eval's mask API)."""
+    from faster_coco_eval.core import mask as mask_api
+
+    if len(masks) == 0:
+        return []
+    encoded = mask_api.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in encoded]
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    """[x, y, w, h] (COCO) of a non-empty mask, [0, 0, 0, 0] for an empty one."""
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if ys.size == 0:
+        return [0, 0, 0, 0]
+    return [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)]
+
+
+def segmentation_record(seg: Any, score_threshold: float, max_instances: int | None = None) -> dict[str, Any]:
+    """A Segmentation as JSON-ready data (the semantic map itself goes to a PNG; here only the classes in it)."""
+    record: dict[str, Any] = {"image_size": list(seg.image_size)}
+    names = seg.class_names
+    if seg.semantic is not None:
+        present, counts = np.unique(seg.semantic, return_counts=True)
+        record["semantic"] = {"classes": [{"label": int(c), "class_name": names[int(c)], "pixels": int(n)}
+                                          for c, n in zip(present, counts, strict=True)]}
+    if seg.instances is not None:
+        kept = seg.instances.filter(score_threshold)
+        count = len(kept) if max_instances is None else min(len(kept), max_instances)
+        rles = rle_encode(kept.masks[:count])
+        record["instances"] = [{"label": int(kept.labels[i]), "class_name": names[int(kept.labels[i])],
+                                "score": round(float(kept.scores[i]), 6), "query": int(kept.queries[i]),
+                                "area": int(kept.masks[i].sum()), "bbox": _bbox(kept.masks[i]),
+                                "segmentation": rles[i]} for i in range(count)]
+        record["instance_score_threshold"] = score_threshold
+    if seg.panoptic is not None:
+        pan = seg.panoptic
+        rles = rle_encode(np.stack([pan.mask(s.id) for s in pan.segments])) if len(pan) else []
+        record["panoptic"] = {"stuff_classes": list(pan.stuff_classes),
+                              "segments": [{**s.to_dict(), "bbox": _bbox(pan.mask(s.id)), "segmentation": rles[i]}
+                                           for i, s in enumerate(pan.segments)]}
+    return record
+
+
+def _semantic_png(semantic: np.ndarray) -> bytes:
+    import cv2
+
+    dtype = np.uint8 if semantic.max(initial=0) < 256 else np.uint16
+    ok, buf = cv2.imencode(".png", semantic.astype(dtype))
+    if not ok:
+        raise ValueError("cannot encode the semantic map as PNG")
+    return buf.tobytes()
+
+
+def _npz(emb: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, cls=emb.cls, registers=emb.registers, patches=emb.patches, pooled=emb.pooled,
+             image_size=np.asarray(emb.image_size, np.int64))
+    return buffer.getvalue()
+
+
+def _summary(seg: Any, score_threshold: float) -> str:
+    parts = []
+    if seg.semantic is not None:
+        parts.append(f"semantic {len(np.unique(seg.semantic))} classes")
+    if seg.instances is not None:
+        parts.append(f"{len(seg.instances.filter(score_threshold))} instances >= {score_threshold:g}")
+    if seg.panoptic is not None:
+        things = sum(s.is_thing for s in seg.panoptic.segments)
+        parts.append(f"panoptic {things} things + {len(seg.panoptic) - things} stuff")
+    return ", ".join(parts)
+
+
+def run_vit_images(args: argparse.Namespace, runtime: Any) -> int:
+    """Run an EoMT or DINOv3 runtime on the image inputs; writes the files named in the module's docstring."""
+    from deimv2_deploy.cli.infer import output_names
+    from deimv2_deploy.drawing import draw_segmentation, embeddings_pca_image
+
+    check_vit_options(args, runtime)
+    eomt = runtime.spec.family == "eomt"
+    tasks = parse_tasks(getattr(args, "task", None), runtime.spec) if eomt else ()
+    stuff = getattr(args, "stuff_classes", None)
+    if eomt and "panoptic" in tasks:
+        runtime.stuff_classes(stuff)  # an unknown split fails here, once, before any image is read
+    paths = list({p.resolve(): p for p in expand_image_paths(args.inputs)}.values())
+    names = output_names(paths)
+    out_dir = Path(args.output_dir)
+    failed = []
+    for path, name in zip(paths, names, strict=True):
+        try:
+            image = read_image(path)
+        except (ValueError, OSError) as e:
+            print(f"skipped {path}: {user_message(e)}", file=sys.stderr)
+            failed.append(path)
+            continue
+        t = time.perf_counter()
+        result = runtime.predict(image, tasks=tasks, stuff_classes=stuff) if eomt else runtime.predict(image)
+        ms = 1e3 * (time.perf_counter() - t)
+        written = []
+        if eomt:
+            if not args.no_draw:
+                written.append(write_image(out_dir / f"{name}.jpg", draw_segmentation(image, result, args.score)))
+            record = {"image": str(path), "artifact": str(args.artifact), "tasks": list(tasks),
+                      **segmentation_record(result, args.score, args.max_detections)}
+            if result.semantic is not None:
+                png = write_bytes(out_dir / f"{name}_semantic.png", _semantic_png(result.semantic))
+                record["semantic"]["png"] = png.name
+                written.append(png)
+            written.append(write_text(out_dir / f"{name}.json", json.dumps(record, indent=1) + "\n"))
+            summary = _summary(result, args.score)
+        else:
+            if not args.no_draw:
+                panel = np.concatenate([image, embeddings_pca_image(result)], axis=1)
+                written.append(write_image(out_dir / f"{name}.jpg", panel))
+            written.append(write_bytes(out_dir / f"{name}.npz", _npz(result)))
+            summary = f"embeddings: dim {result.dim}, {result.grid[0]}x{result.grid[1]} patches"
+        print(f"{path}: {summary} in {ms:.1f} ms -> {', '.join(map(str, written))}")
+    if failed:
+        print(f"deimv2-infer: {len(failed)} of {len(paths)} inputs failed (named above); the others were written",
+              file=sys.stderr)
+        return 1
+    return 0
