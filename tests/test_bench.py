@@ -565,4 +565,4 @@ def test_max_ap_drop_in_the_report(person_dataset):
     assert entry["reference"]["AP"] == pytest.approx(1.0) and entry["chosen"]["AP"] == pytest.approx(1.0)
     result.choice = [entry]
     md = to_markdown(result)
-    assert "**torch fp32**" in md and "0.0 points below FP32's 1.000" in md
+    assert "**torch fp32**" in md and "equal to FP32's 1.000" in md

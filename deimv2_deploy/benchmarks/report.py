@@ -229,9 +229,12 @@ def _choice_lines(choice: list[dict[str, Any]]) -> list[str]:
             lines.append(head + f"no choice: {entry['error']}")
             continue
         chosen, ref = entry["chosen"], entry["reference"]
+        drop = chosen["ap_drop"]
+        versus = (f"{drop:.1f} points below" if drop >= 0.05 else f"{-drop:.1f} points above" if drop <= -0.05
+                  else "equal to")
         lines.append(head + f"**{_row_name(chosen)}**, {_num(chosen['ms_per_image'])} ms per image, AP "
-                     f"{chosen['AP']:.3f} ({chosen['ap_drop']:+.1f} points below FP32's {ref['AP']:.3f} of "
-                     f"{_row_name(ref)}, {_num(ref['ms_per_image'])} ms): {chosen['speedup_vs_reference']:.2f}x")
+                     f"{chosen['AP']:.3f} ({versus} FP32's {ref['AP']:.3f} of {_row_name(ref)}, "
+                     f"{_num(ref['ms_per_image'])} ms): {chosen['speedup_vs_reference']:.2f}x")
         for r in entry["faster_over_budget"]:
             lines.append(f"  - faster but over the budget: {_row_name(r)}, {_num(r['ms_per_image'])} ms, AP drop "
                          f"{r['ap_drop']:.1f} points")
