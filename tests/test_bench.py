@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,13 +204,13 @@ def test_json_schema_is_stable(fake_result, tmp_path):
 
 
 def test_unavailable_backends_are_listed_with_their_reason():
-    config = BenchConfig(sizes=("atto",), backends=("tensorrt", "onnxruntime"), precisions=("int8",), device="cpu",
+    config = BenchConfig(sizes=("atto",), backends=("tensorrt", "torch"), precisions=("int8",), device="cpu",
                          iters=3, warmup=1, progress=False, random_weights=True, command="pytest")
     result = run_benchmark(config)
     by_backend = {r.backend: r for r in result.rows}
     assert by_backend["tensorrt"].status == "skipped"
     assert "TensorRT" in by_backend["tensorrt"].reason and "GPU" in by_backend["tensorrt"].reason
-    assert by_backend["onnxruntime"].status == "skipped" and "INT8" in by_backend["onnxruntime"].reason
+    assert by_backend["torch"].status == "skipped" and "INT8" in by_backend["torch"].reason
     text = to_markdown(result)
     assert "TensorRT runs only on NVIDIA GPUs" in text and "| skipped |" in text
 
@@ -566,3 +567,21 @@ def test_max_ap_drop_in_the_report(person_dataset):
     result.choice = [entry]
     md = to_markdown(result)
     assert "**torch fp32**" in md and "equal to FP32's 1.000" in md
+
+
+def test_onnxruntime_int8_row_runs_the_qdq_export(model_store, example_image_path, tmp_path):
+    """The ONNX Runtime INT8 row exports the explicit Q/DQ ONNX (calibrated on --calibration), runs it and says how
+    it was calibrated; its parity against PyTorch is reported (INT8 drifts: it is not required to match)."""
+    import shutil
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    shutil.copy(example_image_path, calibration / "photo.jpg")
+    config = BenchConfig(sizes=("atto",), backends=("onnxruntime",), precisions=("int8",), iters=2, warmup=1,
+                         threads=1, progress=False, random_weights=True, checkpoint_dir=str(model_store),
+                         calibration=str(calibration), command="pytest")
+    (row,) = run_benchmark(config).rows
+    assert row.status == "ok", row.reason
+    assert row.artifact.endswith(".onnx") and "int8" in Path(row.artifact).name
+    assert "INT8 (Q/DQ) calibrated on 1 images: calibration" in row.notes
+    assert row.parity is not None and row.latency.count == 2
