@@ -15,6 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers (pinned 5.24)")
 F = torch.nn.functional
 
+from vit_helpers import make_confident  # noqa: E402
+
 from deimv2_deploy.cli.export import main as export_main  # noqa: E402
 from deimv2_deploy.exporters.vit_export import export_vit  # noqa: E402
 from deimv2_deploy.preprocess import resize_like_pil  # noqa: E402
@@ -37,12 +39,7 @@ def artifacts(tmp_path_factory):
     torch.manual_seed(3)
     model = transformers.EomtDinov3ForUniversalSegmentation(transformers.EomtDinov3Config(**CONFIG)).eval()
     model.attn_mask_probs.fill_(0.0)
-    with torch.no_grad():
-        model.class_predictor.weight.mul_(40.0)
-        model.class_predictor.bias.zero_()
-        model.class_predictor.bias[-1] = 13.5
-        model.mask_head.fc3.weight.mul_(300.0)
-        model.mask_head.fc3.bias.mul_(300.0)
+    make_confident(model, no_object_bias=13.5)  # instances pass --score, panoptic keeps segments
     model.save_pretrained(root / "sharp")
     with_stuff = export_vit("eomt", root / "sharp", output_dir=root / "a", stuff_classes="0-1", quiet=True)
     without = export_vit("eomt", root / "sharp", output_dir=root / "b", quiet=True)

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers (pinned 5.24)")
 
 from faster_coco_eval.core import mask as mask_api  # noqa: E402
+from vit_helpers import make_confident  # noqa: E402
 
 from deimv2_deploy.cli.infer import main as infer_main  # noqa: E402
 from deimv2_deploy.exporters.vit_export import export_vit  # noqa: E402
@@ -28,12 +29,7 @@ def artifacts(tmp_path_factory):
                                            num_blocks=1, num_queries=12, num_labels=4, id2label=NAMES)
     model = transformers.EomtDinov3ForUniversalSegmentation(config).eval()
     model.attn_mask_probs.fill_(0.0)
-    with torch.no_grad():  # confident enough that instances pass --score and panoptic keeps segments
-        model.class_predictor.weight.mul_(40.0)
-        model.class_predictor.bias.zero_()
-        model.class_predictor.bias[-1] = 12.0
-        model.mask_head.fc3.weight.mul_(300.0)
-        model.mask_head.fc3.bias.mul_(300.0)
+    make_confident(model, no_object_bias=12.0)  # instances pass --score, panoptic keeps segments
     model.save_pretrained(root / "eomt")
     dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,

@@ -12,7 +12,9 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from deimv2_deploy.cli import run_cli, user_message
 from deimv2_deploy.files import write_text
@@ -185,24 +187,35 @@ def output_names(paths: list[Path]) -> list[str]:
     return out
 
 
-def _run_images(args: argparse.Namespace, runtime) -> int:
-    from deimv2_deploy.drawing import annotate
+def unique_image_paths(inputs: list[str]) -> list[Path]:
+    """The image files the inputs name (folders expanded), each file once, in the order given."""
+    return list({p.resolve(): p for p in expand_image_paths(inputs)}.values())
 
-    paths = list({p.resolve(): p for p in expand_image_paths(args.inputs)}.values())  # each file once
-    names = output_names(paths)
-    out_dir = Path(args.output_dir)
-    one_file = Path(args.json) if isinstance(args.json, str) else None  # --json PATH: all images in one file
-    if one_file is not None and one_file.resolve() in {p.resolve() for p in paths}:
-        raise ValueError(f"--json {one_file} is one of the inputs: choose another file name")
-    records, failed = [], []
-    executed = runtime.describe().get("executed_precision")  # what really runs, read from the backend
-    for path, name in zip(paths, names, strict=True):
+
+def read_inputs(paths: list[Path], failed: list[Path]) -> Iterator[tuple[Path, str, Any]]:
+    """(path, output name, BGR image) per input; an unreadable one is named on stderr, added to `failed` and
+    skipped, so one bad file does not stop a folder run (the run then exits 1)."""
+    for path, name in zip(paths, output_names(paths), strict=True):
         try:
             image = read_image(path)
         except (ValueError, OSError) as e:
             print(f"skipped {path}: {user_message(e)}", file=sys.stderr)
             failed.append(path)
             continue
+        yield path, name, image
+
+
+def _run_images(args: argparse.Namespace, runtime) -> int:
+    from deimv2_deploy.drawing import annotate
+
+    paths = unique_image_paths(args.inputs)
+    out_dir = Path(args.output_dir)
+    one_file = Path(args.json) if isinstance(args.json, str) else None  # --json PATH: all images in one file
+    if one_file is not None and one_file.resolve() in {p.resolve() for p in paths}:
+        raise ValueError(f"--json {one_file} is one of the inputs: choose another file name")
+    records, failed = [], []
+    executed = runtime.describe().get("executed_precision")  # what really runs, read from the backend
+    for path, name, image in read_inputs(paths, failed):
         t = time.perf_counter()
         detections = runtime.predict(image, score_threshold=args.score)
         if args.max_detections is not None:

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from deimv2_deploy.cli import user_message
 from deimv2_deploy.files import write_bytes, write_text
-from deimv2_deploy.media import expand_image_paths, read_image, write_image
+from deimv2_deploy.media import write_image
 
 __all__ = ["run_vit_images", "check_vit_options", "parse_tasks", "rle_encode", "segmentation_record"]
 
@@ -141,7 +140,7 @@ def _summary(seg: Any, score_threshold: float) -> str:
 
 def run_vit_images(args: argparse.Namespace, runtime: Any) -> int:
     """Run an EoMT or DINOv3 runtime on the image inputs; writes the files named in the module's docstring."""
-    from deimv2_deploy.cli.infer import output_names
+    from deimv2_deploy.cli.infer import read_inputs, unique_image_paths
     from deimv2_deploy.drawing import draw_segmentation, embeddings_pca_image
 
     check_vit_options(args, runtime)
@@ -150,17 +149,10 @@ def run_vit_images(args: argparse.Namespace, runtime: Any) -> int:
     stuff = getattr(args, "stuff_classes", None)
     if eomt and "panoptic" in tasks:
         runtime.stuff_classes(stuff)  # an unknown split fails here, once, before any image is read
-    paths = list({p.resolve(): p for p in expand_image_paths(args.inputs)}.values())
-    names = output_names(paths)
+    paths = unique_image_paths(args.inputs)
     out_dir = Path(args.output_dir)
-    failed = []
-    for path, name in zip(paths, names, strict=True):
-        try:
-            image = read_image(path)
-        except (ValueError, OSError) as e:
-            print(f"skipped {path}: {user_message(e)}", file=sys.stderr)
-            failed.append(path)
-            continue
+    failed: list[Path] = []
+    for path, name, image in read_inputs(paths, failed):
         t = time.perf_counter()
         result = runtime.predict(image, tasks=tasks, stuff_classes=stuff) if eomt else runtime.predict(image)
         ms = 1e3 * (time.perf_counter() - t)
