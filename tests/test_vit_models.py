@@ -234,6 +234,23 @@ def test_export_refuses_random_masked_attention(folders, tmp_path, capsys):
                                    str(tmp_path / "store"), "--quiet"])
     assert "masked-attention probability 0.5 in block 1" in err
     assert not (tmp_path / "store").exists()
+    # on, then off: transformers reuses block 0's mask in block 1, the official EoMT attends fully there
+    model.attn_mask_probs.copy_(torch.tensor([1.0, 0.0]))
+    model.save_pretrained(tmp_path / "on_then_off")
+    err = _one_line_error(capsys, ["eomt", "--checkpoint", str(tmp_path / "on_then_off"), "--output-dir",
+                                   str(tmp_path / "store"), "--quiet"])
+    assert "on in block 0 but off in the later block 1" in err and not (tmp_path / "store").exists()
+
+
+def test_export_warns_where_transformers_head_activation_is_not_the_official_gelu(tmp_path):
+    config = transformers.EomtDinov3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8, num_register_tokens=0,
+                                           num_blocks=1, num_queries=4, num_labels=3, hidden_act="silu")
+    model = transformers.EomtDinov3ForUniversalSegmentation(config).eval()
+    model.attn_mask_probs.fill_(0.0)
+    model.save_pretrained(tmp_path / "silu")
+    with pytest.warns(UserWarning, match="official EoMT hard-codes GELU"):
+        export_vit("eomt", tmp_path / "silu", output_dir=tmp_path / "out", quiet=True)
 
 
 def test_export_refuses_other_folders(folders, tmp_path, capsys):
@@ -266,3 +283,20 @@ def test_cli_export_json(folders, tmp_path, capsys):
     with pytest.raises(ValueError, match="fixed batch of 2"):
         runtime.infer(np.zeros((1, 3, 24, 16), np.float32))
     assert len(runtime.predict([np.zeros((5, 5, 3), np.uint8)] * 3)) == 3  # padded to the fixed batch
+
+
+def test_eomt_with_transformers_default_two_labels_exports(tmp_path):
+    """transformers writes no id2label/num_labels for its default of two labels: the folder still has 2 classes."""
+    from deimv2_deploy.models.hf_vit import inspect_vit_folder
+
+    config = transformers.EomtDinov3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8, num_register_tokens=0,
+                                           num_blocks=1, num_queries=4)
+    model = transformers.EomtDinov3ForUniversalSegmentation(config).eval()
+    model.attn_mask_probs.fill_(0.0)
+    model.save_pretrained(tmp_path / "two")
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert "id2label" not in saved and "num_labels" not in saved  # what makes this case
+    assert inspect_vit_folder(tmp_path / "two").class_names == ("class_0", "class_1")
+    result = export_vit("eomt", tmp_path / "two", output_dir=tmp_path / "out", quiet=True)
+    assert load_runtime(result.path).predict(np.zeros((40, 30, 3), np.uint8)).class_names == ("class_0", "class_1")

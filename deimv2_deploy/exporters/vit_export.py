@@ -52,6 +52,12 @@ def vit_spec_for(model: Any, folder: Any, input_size: tuple[int, int] | None = N
                              f"{input_size[0]}x{input_size[1]} cannot be used: leave it out")
         fields.update(class_names=folder.class_names, num_queries=int(config.num_queries),
                       masked_attention=check_masked_attention(model))
+        act = str(getattr(config, "hidden_act", "gelu"))
+        if act != "gelu":  # transformers' mask head takes the backbone's activation; the official one is GELU
+            warnings.warn(f"this EoMT's backbone activation is {act!r}: transformers' mask head and upscale layers use "
+                          "it too, while the official EoMT hard-codes GELU there, so the export equals the official "
+                          "model only if these weights were trained in transformers (see "
+                          "benchmarks/results/eomt_official_vs_transformers.md)", stacklevel=2)
     elif input_size is not None:
         size = tuple(input_size)
     if any(int(s) <= 0 or int(s) % patch for s in size):

@@ -23,6 +23,7 @@ VIT_FAMILIES: dict[str, tuple[str, str]] = {
     "eomt": ("eomt_dinov3", "EomtDinov3ForUniversalSegmentation"),
 }
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_DEFAULT_NUM_LABELS = 2  # transformers' PretrainedConfig default, not written to config.json
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,11 @@ class VitFolder:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """EoMT's class names in label order (config id2label; "class_<i>" where it has none)."""
+        """EoMT's class names in label order (config id2label; "class_<i>" where it has none). transformers leaves
+        id2label and num_labels out of config.json when they are its default, two labels, so a folder that says
+        nothing has two classes."""
         id2label = self.config.get("id2label") or {}
-        n = len(id2label) or int(self.config.get("num_labels", 0))
+        n = len(id2label) or int(self.config.get("num_labels", _DEFAULT_NUM_LABELS))
         return tuple(str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(n))
 
 
@@ -144,4 +147,15 @@ def check_masked_attention(model: Any) -> tuple[float, ...]:
         raise ValueError(f"masked-attention probability {p:g} in block {i} (of {list(probs)}) is strictly between 0 "
                          "and 1: inference would be random (a checkpoint saved mid-annealing); set attn_mask_probs to "
                          "0 (off, as released checkpoints) or 1 (on) before exporting")
+    # transformers reuses the previous block's mask in a block whose probability is 0 once an earlier one masked;
+    # the official EoMT attends fully there (benchmarks/results/eomt_official_vs_transformers.md). The official
+    # schedule turns blocks off first to last, so it never leaves a later block off while an earlier one is on.
+    on = next((i for i, p in enumerate(probs) if p == 1.0), None)
+    off_after = next((i for i, p in enumerate(probs) if p == 0.0 and on is not None and i > on), None)
+    if off_after is not None:
+        raise ValueError(f"masked attention is on in block {on} but off in the later block {off_after} (of "
+                         f"{list(probs)}): transformers applies block {on}'s mask again there while the official EoMT "
+                         "attends fully, so no export would be the official model. Official training never leaves "
+                         "this (blocks are turned off first to last): set attn_mask_probs to all 0 (as released "
+                         "checkpoints) or turn the earlier blocks off as well")
     return probs
