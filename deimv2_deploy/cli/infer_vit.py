@@ -4,7 +4,8 @@ deimv2-infer hands over with `run_vit_images(args, runtime)` when the artifact i
 dinov3`). Per image, under the same collision-free name the detector path uses (`infer.output_names`):
 - EoMT: `<name>.jpg`, the overlay of each task asked for side by side (semantic | instance | panoptic), and
   `<name>.json`: instances (score >= --score, best first) and panoptic segments, each with a COCO RLE mask
-  (faster-coco-eval's mask API, counts as text), and `<name>_semantic.png`, the semantic map as a PNG of class
+  (faster-coco-eval's mask API, counts as text; the record is deimv2_deploy.vit_records', which deimv2-serve
+  answers too), and `<name>_semantic.png`, the semantic map as a PNG of class
   indices (8-bit, 16-bit past 255 classes);
 - DINOv3: `<name>.jpg`, the image beside the PCA colouring of its patch embeddings, and `<name>.npz` with `cls`,
   `registers`, `patches` (rows, cols, D) and `pooled`.
@@ -25,6 +26,7 @@ import numpy as np
 
 from deimv2_deploy.files import write_bytes, write_text
 from deimv2_deploy.media import write_image
+from deimv2_deploy.vit_records import rle_encode, segmentation_record
 
 __all__ = ["run_vit_images", "check_vit_options", "parse_tasks", "rle_encode", "segmentation_record"]
 
@@ -32,18 +34,9 @@ __all__ = ["run_vit_images", "check_vit_options", "parse_tasks", "rle_encode", "
 def parse_tasks(values: list[str] | None, spec: Any) -> tuple[str, ...]:
     """--task values (repeated or comma-separated) -> EoMT tasks; default: semantic and instance, plus panoptic when
     the artifact records its stuff classes."""
-    from deimv2_deploy.runtimes.vit_runtime import EOMT_TASKS
+    from deimv2_deploy.runtimes.vit_runtime import parse_eomt_tasks
 
-    if not values:
-        return ("semantic", "instance") + (("panoptic",) if spec.stuff_classes is not None else ())
-    tasks: list[str] = []
-    for value in values:
-        for task in (t.strip().lower() for t in value.split(",") if t.strip()):
-            if task not in EOMT_TASKS:
-                raise ValueError(f"--task {task!r} is not an EoMT task: choose from {', '.join(EOMT_TASKS)}")
-            if task not in tasks:
-                tasks.append(task)
-    return tuple(tasks)
+    return parse_eomt_tasks(values, spec, option="--task")
 
 
 def check_vit_options(args: argparse.Namespace, runtime: Any) -> None:
@@ -63,50 +56,6 @@ def check_vit_options(args: argparse.Namespace, runtime: Any) -> None:
             if given:
                 raise ValueError(f"{flag} is for EoMT segmentation artifacts; {runtime.path.name} is a DINOv3 "
                                  "feature extractor: leave it out")
-
-
-def rle_encode(masks: np.ndarray) -> list[dict[str, Any]]:
-    """bool (K, H, W) -> COCO RLE dicts {"size": [H, W], "counts": str} (faster-coco-eval's mask API)."""
-    from faster_coco_eval.core import mask as mask_api
-
-    if len(masks) == 0:
-        return []
-    encoded = mask_api.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in encoded]
-
-
-def _bbox(mask: np.ndarray) -> list[int]:
-    """[x, y, w, h] (COCO) of a non-empty mask, [0, 0, 0, 0] for an empty one."""
-    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    if ys.size == 0:
-        return [0, 0, 0, 0]
-    return [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)]
-
-
-def segmentation_record(seg: Any, score_threshold: float, max_instances: int | None = None) -> dict[str, Any]:
-    """A Segmentation as JSON-ready data (the semantic map itself goes to a PNG; here only the classes in it)."""
-    record: dict[str, Any] = {"image_size": list(seg.image_size)}
-    names = seg.class_names
-    if seg.semantic is not None:
-        present, counts = np.unique(seg.semantic, return_counts=True)
-        record["semantic"] = {"classes": [{"label": int(c), "class_name": names[int(c)], "pixels": int(n)}
-                                          for c, n in zip(present, counts, strict=True)]}
-    if seg.instances is not None:
-        kept = seg.instances.filter(score_threshold)
-        count = len(kept) if max_instances is None else min(len(kept), max_instances)
-        rles = rle_encode(kept.masks[:count])
-        record["instances"] = [{"label": int(kept.labels[i]), "class_name": names[int(kept.labels[i])],
-                                "score": round(float(kept.scores[i]), 6), "query": int(kept.queries[i]),
-                                "area": int(kept.masks[i].sum()), "bbox": _bbox(kept.masks[i]),
-                                "segmentation": rles[i]} for i in range(count)]
-        record["instance_score_threshold"] = score_threshold
-    if seg.panoptic is not None:
-        pan = seg.panoptic
-        rles = rle_encode(np.stack([pan.mask(s.id) for s in pan.segments])) if len(pan) else []
-        record["panoptic"] = {"stuff_classes": list(pan.stuff_classes),
-                              "segments": [{**s.to_dict(), "bbox": _bbox(pan.mask(s.id)), "segmentation": rles[i]}
-                                           for i, s in enumerate(pan.segments)]}
-    return record
 
 
 def _semantic_png(semantic: np.ndarray) -> bytes:

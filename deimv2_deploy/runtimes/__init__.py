@@ -92,11 +92,12 @@ def _vit_runtime(path: Path, backend: str | Backend | None, device: str, variant
         raise ValueError(f"{path} is a {spec.family} artifact, not DEIMv2-{variant}: leave out the variant")
     if device.lower() != "cpu":
         raise ValueError(f"{spec.family} artifacts run on the CPU for now, not device {device!r}")
-    unknown = [k for k in options if k != "threads"]
+    unknown = [k for k in options if k not in ("threads", "spinning")]
     if unknown:
-        raise ValueError(f"{spec.family} runtimes take only the option 'threads', not {unknown[0]!r}")
+        raise ValueError(f"{spec.family} runtimes take only the options 'threads' and 'spinning', not {unknown[0]!r}")
     chosen = None if backend is None else Backend.parse(backend).value
-    return load_vit_runtime(path, chosen, threads=options.get("threads"), spec=spec)
+    return load_vit_runtime(path, chosen, threads=options.get("threads"), spec=spec,
+                            spinning=bool(options.get("spinning", True)))
 
 
 def _precision_options(cls: type[Runtime], precision: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -36,11 +36,27 @@ from deimv2_deploy.segmentation import (
 from deimv2_deploy.vit_spec import VIT_METADATA_KEY, VitSpec, parse_stuff_classes
 
 __all__ = ["VitRuntime", "Dinov3Runtime", "EomtRuntime", "read_vit_spec", "load_vit_runtime", "EOMT_TASKS",
-           "DEFAULT_EOMT_TASKS", "VIT_BACKENDS"]
+           "DEFAULT_EOMT_TASKS", "VIT_BACKENDS", "parse_eomt_tasks"]
 
 EOMT_TASKS = ("semantic", "instance", "panoptic")
 DEFAULT_EOMT_TASKS = ("semantic", "instance")  # panoptic needs the thing/stuff split, which not every artifact has
 VIT_BACKENDS = ("onnxruntime", "openvino")
+
+
+def parse_eomt_tasks(values: Sequence[str] | None, spec: VitSpec, option: str = "task") -> tuple[str, ...]:
+    """Task values (repeated or comma-separated, e.g. ["semantic,panoptic"]) -> EoMT tasks in the order given,
+    without repeats. None or empty: semantic and instance, plus panoptic when the artifact records its stuff
+    classes. ValueError naming a value that is not a task (`option` names where it came from: "--task", "task")."""
+    tasks: list[str] = []
+    for value in values or ():
+        for task in (t.strip().lower() for t in value.split(",") if t.strip()):
+            if task not in EOMT_TASKS:
+                raise ValueError(f"{option} {task!r} is not an EoMT task: choose from {', '.join(EOMT_TASKS)}")
+            if task not in tasks:
+                tasks.append(task)
+    if tasks:
+        return tuple(tasks)
+    return DEFAULT_EOMT_TASKS + (("panoptic",) if spec.stuff_classes is not None else ())
 
 
 def read_vit_spec(path: str | os.PathLike) -> VitSpec | None:
@@ -77,7 +93,7 @@ def read_vit_spec(path: str | os.PathLike) -> VitSpec | None:
 
 
 class _OrtGraph:
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int | None, spinning: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -85,6 +101,9 @@ class _OrtGraph:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
+        if not spinning:  # idle threads sleep between runs (a server's replica leaves the cores to its HTTP side)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
@@ -94,7 +113,7 @@ class _OrtGraph:
 
 
 class _OpenVinoGraph:
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int | None, spinning: bool = True) -> None:  # spinning: ORT only
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # FP32 artifacts run in FP32 (no bf16 on AMX)
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -114,10 +133,11 @@ class _OpenVinoGraph:
 
 
 class VitRuntime:
-    """A DINOv3 / EoMT artifact on ONNX Runtime or OpenVINO (CPU): the graph, its spec and its preprocessing."""
+    """A DINOv3 / EoMT artifact on ONNX Runtime or OpenVINO (CPU): the graph, its spec and its preprocessing.
+    `spinning=False` (ONNX Runtime; OpenVINO ignores it) stops idle inference threads from busy-waiting."""
 
     def __init__(self, path: str | os.PathLike, spec: VitSpec | None = None, backend: str = "onnxruntime",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spinning: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"artifact not found: {self.path}")
@@ -131,7 +151,7 @@ class VitRuntime:
         if backend == "onnxruntime" and self.path.suffix.lower() != ".onnx":
             raise ValueError(f"onnxruntime cannot load {self.path.suffix} files; use backend='openvino'")
         self.spec, self.backend = spec, backend
-        self.graph = (_OrtGraph if backend == "onnxruntime" else _OpenVinoGraph)(self.path, threads)
+        self.graph = (_OrtGraph if backend == "onnxruntime" else _OpenVinoGraph)(self.path, threads, spinning)
         if tuple(self.graph.input_names) != spec.input_names or set(self.graph.output_names) != set(spec.output_names):
             raise ValueError(f"{self.path} has inputs {list(self.graph.input_names)} and outputs "
                              f"{list(self.graph.output_names)}, not the {spec.family} graph its metadata describes")
@@ -142,6 +162,10 @@ class VitRuntime:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "family": self.spec.family, "precision": self.spec.precision,
                 "input_size": list(self.spec.input_size)}
+
+    def close(self) -> None:
+        """Release the graph (the session or compiled model); the runtime cannot predict afterwards."""
+        self.graph = None
 
     # --- the graph -------------------------------------------------------------------------------------
     def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
@@ -156,6 +180,8 @@ class VitRuntime:
                              "with --input-size")
         if self.spec.batch is not None and pixel_values.shape[0] != self.spec.batch:
             raise ValueError(f"this artifact has a fixed batch of {self.spec.batch}, got {pixel_values.shape[0]}")
+        if self.graph is None:
+            raise RuntimeError(f"the runtime of {self.path.name} was closed: load the artifact again")
         names = self.spec.output_names
         return dict(zip(names, self.graph(np.ascontiguousarray(pixel_values), names), strict=True))
 
@@ -264,7 +290,7 @@ class EomtRuntime(VitRuntime):
 
 
 def load_vit_runtime(path: str | os.PathLike, backend: str | None = None, threads: int | None = None,
-                     spec: VitSpec | None = None) -> VitRuntime:
+                     spec: VitSpec | None = None, spinning: bool = True) -> VitRuntime:
     """The runtime of a DINOv3 (Dinov3Runtime) or EoMT (EomtRuntime) artifact; backend from the file type."""
     p = Path(path)
     spec = spec or read_vit_spec(p)
@@ -273,4 +299,4 @@ def load_vit_runtime(path: str | os.PathLike, backend: str | None = None, thread
                          "`deimv2-export dinov3|eomt --checkpoint FOLDER`")
     backend = backend or ("openvino" if p.suffix.lower() == ".xml" else "onnxruntime")
     cls = EomtRuntime if spec.family == "eomt" else Dinov3Runtime
-    return cls(p, spec, backend, threads)
+    return cls(p, spec, backend, threads, spinning)
