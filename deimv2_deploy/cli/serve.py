@@ -1,4 +1,5 @@
-"""deimv2-serve ARTIFACT: a detection service on Ray Serve (POST /detect, GET /health, GET /metadata)."""
+"""deimv2-serve ARTIFACT: a detection (POST /detect), segmentation (EoMT: POST /segment) or embedding (DINOv3:
+POST /embed) service on Ray Serve, with GET /health and GET /metadata."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,10 @@ Examples:
   curl --data-binary @street.jpg http://127.0.0.1:8000/detect
   curl -F image=@street.jpg 'http://127.0.0.1:8000/detect?score=0.5'
   deimv2-serve models/deimv2_s_fp32.onnx --replicas 4 --write-config serve.yaml   # then: serve deploy serve.yaml
+  deimv2-serve models/eomt_dinov3_coco_640x640_fp32.onnx      # EoMT: POST /segment
+  curl --data-binary @street.jpg 'http://127.0.0.1:8000/segment?task=semantic,panoptic&score=0.5'
+  deimv2-serve models/dinov3_vit_..._448x448_fp32.onnx         # DINOv3: POST /embed
+  curl --data-binary @street.jpg 'http://127.0.0.1:8000/embed?patches=1'
 Needs the serve extra: pip install 'deimv2-deploy[serve]'.
 """
 
@@ -22,10 +27,12 @@ Needs the serve extra: pip install 'deimv2-deploy[serve]'.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deimv2-serve",
-        description="Serve an exported DEIMv2 model over HTTP with Ray Serve: replicas, each with its own "
-                    "runtime, and requests from many clients batched together.",
+        description="Serve an exported DEIMv2 detector, EoMT-DINOv3 segmenter or DINOv3 feature extractor over "
+                    "HTTP with Ray Serve: replicas, each with its own runtime, and requests from many clients "
+                    "batched together.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifact", help="exported model (.onnx, .xml, .engine) from deimv2-export")
+    p.add_argument("artifact", help="exported model (.onnx, .xml, .engine) from deimv2-export (detector, eomt or "
+                                    "dinov3)")
     p.add_argument("--replicas", type=int, default=1, help="replicas, each one runtime (default 1)")
     p.add_argument("--max-batch", type=int, default=8, help="requests batched into one inference, at most")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -33,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--score", type=float, default=0.4, help="default score threshold (a request may pass ?score=)")
+    p.add_argument("--score", type=float, default=0.4,
+                   help="default score threshold of detections and EoMT instances (a request may pass ?score=)")
     p.add_argument("--backend", help="runtime backend (default: the one the file type implies)")
     p.add_argument("--device", default="cpu", help="runtime device (cpu, cuda, ...)")
     p.add_argument("--variant", help="model size, only for an ONNX from the official exporter (no metadata)")

@@ -1,8 +1,12 @@
-"""The wire format of deimv2-serve: request bodies -> images, Detections -> JSON, problems -> 4xx JSON.
+"""The wire format of deimv2-serve: request bodies -> images, results -> JSON, problems -> 4xx JSON.
 
 Nothing here imports Ray or a web framework, so every rule a request is checked against is tested directly.
 Only JPEG and PNG are accepted: their headers give the image size before anything is decoded, so a small file
 that would decode to gigabytes (a "decompression bomb") is refused without allocating it.
+
+Which endpoint answers depends on the artifact (`model_kind`): a DEIMv2 detector `POST /detect` (Detections), an
+EoMT-DINOv3 artifact `POST /segment` (the Segmentation as deimv2_deploy.vit_records' JSON, COCO RLE masks), a
+DINOv3 artifact `POST /embed` (Embeddings, arrays as base64 float32 with their shape).
 """
 from __future__ import annotations
 
@@ -15,10 +19,25 @@ import cv2
 import numpy as np
 
 from deimv2_deploy.detections import Detections
+from deimv2_deploy.embeddings import Embeddings
+from deimv2_deploy.runtimes.vit_runtime import parse_eomt_tasks
+from deimv2_deploy.segmentation import Segmentation
 from deimv2_deploy.spec import ArtifactSpec
+from deimv2_deploy.vit_records import embeddings_record, segmentation_record
+from deimv2_deploy.vit_spec import VitSpec
 
 __all__ = ["RequestError", "image_format", "image_dimensions", "extract_upload", "decode_image", "parse_score",
-           "detections_payload", "model_identity", "error_payload", "UPLOAD_FIELDS"]
+           "parse_tasks", "parse_flag", "check_query", "detections_payload", "segmentation_payload",
+           "embeddings_payload", "model_identity", "model_kind", "model_title", "endpoints", "wrong_endpoint",
+           "error_payload",
+           "UPLOAD_FIELDS", "PREDICT_PATHS", "QUERY_PARAMS"]
+
+# what each kind of artifact answers on: detector (ArtifactSpec), eomt and dinov3 (VitSpec families)
+PREDICT_PATHS = {"detector": "/detect", "eomt": "/segment", "dinov3": "/embed"}
+# the query parameters each predict endpoint takes (/segment and /embed refuse others; /detect ignores them)
+QUERY_PARAMS = {"detector": ("score",), "eomt": ("task", "score"), "dinov3": ("patches",)}
+_WHAT = {"detector": "a DEIMv2 detector", "eomt": "an EoMT-DINOv3 segmentation model",
+         "dinov3": "a DINOv3 feature extractor"}
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,9 +163,72 @@ def parse_score(value: str | None, default: float) -> float:
     return score
 
 
+def parse_tasks(values: list[str], spec: VitSpec) -> tuple[str, ...]:
+    """`?task=` (repeated or comma-separated) of POST /segment -> EoMT tasks; none: semantic and instance, plus
+    panoptic when the artifact records its stuff classes. 400 for an unknown task, and for panoptic on an artifact
+    that does not say which classes are stuff."""
+    try:
+        tasks = parse_eomt_tasks(values, spec, option="task")
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
+    if "panoptic" in tasks and spec.stuff_classes is None:
+        raise RequestError(400, "task 'panoptic' needs to know which classes are stuff, and this artifact does not "
+                                "record it: ask for task=semantic,instance, or serve an artifact exported with "
+                                "`deimv2-export eomt --stuff-classes ...` ('none' if every class is a thing)")
+    return tasks
+
+
+def parse_flag(value: str | None, name: str) -> bool:
+    """A yes/no query parameter: 1/true/yes or 0/false/no (absent or empty: no)."""
+    text = (value or "").strip().lower()
+    if text in ("", "0", "false", "no"):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise RequestError(400, f"{name} must be 1 or 0 (true/false), got {value!r}")
+
+
+def check_query(names: list[str], kind: str) -> None:
+    """400 for a query parameter the endpoint does not take (a misspelt `tasks=` would otherwise pass unseen)."""
+    known = QUERY_PARAMS[kind]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RequestError(400, f"unknown query parameter {unknown[0]!r} for POST {PREDICT_PATHS[kind]}: it takes "
+                                f"{', '.join(known)}")
+
+
+# --- what is served ---------------------------------------------------------------------------------------
+def model_kind(spec: ArtifactSpec | VitSpec) -> str:
+    """"detector", "eomt" or "dinov3": which predict endpoint the artifact answers on (PREDICT_PATHS)."""
+    return spec.family if isinstance(spec, VitSpec) else "detector"
+
+
+def model_title(spec: ArtifactSpec | VitSpec) -> str:
+    """A short name for logs: DEIMv2-atto, EoMT-DINOv3, DINOv3."""
+    kind = model_kind(spec)
+    return {"eomt": "EoMT-DINOv3", "dinov3": "DINOv3"}.get(kind) or f"DEIMv2-{spec.variant}"
+
+
+def endpoints(kind: str) -> str:
+    """The endpoints of a service for this kind of artifact, as one line."""
+    query = "&".join(f"{name}=" for name in QUERY_PARAMS[kind])
+    return f"POST {PREDICT_PATHS[kind]}?{query} (a JPEG or PNG image), GET /health, GET /metadata"
+
+
+def wrong_endpoint(path: str, kind: str) -> RequestError:
+    """404 for another kind's predict endpoint: it names what this service runs and where to send the image."""
+    other = next(k for k, p in PREDICT_PATHS.items() if p == path)
+    return RequestError(404, f"POST {path} is for {_WHAT[other]}, but this service runs {_WHAT[kind]}: send the "
+                             f"image to POST {PREDICT_PATHS[kind]}")
+
+
 # --- responses --------------------------------------------------------------------------------------------
-def model_identity(spec: ArtifactSpec, backend: str) -> dict[str, Any]:
+def model_identity(spec: ArtifactSpec | VitSpec, backend: str) -> dict[str, Any]:
     """Which model answered: enough to tell two deployments apart in a log."""
+    if isinstance(spec, VitSpec):
+        return {"family": spec.family, "model_type": spec.model_type, "input_size": list(spec.input_size),
+                "patch_size": spec.patch_size, "hidden_size": spec.hidden_size, "precision": spec.precision,
+                "backend": backend, "weights": spec.weights, "exporter": spec.exporter}
     return {"variant": spec.variant, "input_size": list(spec.input_size), "precision": spec.precision,
             "backend": backend, "weights": spec.weights, "random_weights": spec.random_weights,
             "exporter": spec.exporter}
@@ -162,6 +244,19 @@ def detections_payload(detections: Detections, spec: ArtifactSpec) -> dict[str, 
             item["category_id"] = int(category_ids[item["label"]])
     payload["count"] = len(payload["detections"])
     return payload
+
+
+def segmentation_payload(segmentation: Segmentation, tasks: tuple[str, ...], score: float) -> dict[str, Any]:
+    """A Segmentation as JSON: deimv2-infer's record (vit_records.segmentation_record) with the semantic map as one
+    COCO RLE mask per class present (`semantic.classes[i].segmentation`), so every mask in the answer decodes the
+    same way; instances at score >= `score`."""
+    return {"tasks": list(tasks), **segmentation_record(segmentation, score, semantic_masks=True)}
+
+
+def embeddings_payload(embeddings: Embeddings, patches: bool) -> dict[str, Any]:
+    """Embeddings as JSON: cls, pooled, registers (and the patch grid when asked) as base64 float32 arrays with
+    their shape (vit_records.embeddings_record)."""
+    return embeddings_record(embeddings, patches=patches)
 
 
 def error_payload(status: int, message: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def _check_artifact(settings: ServeSettings) -> Any:
 
     runtime = load_runtime(settings.artifact, backend=settings.backend, device=settings.device,
                            variant=settings.variant, threads=1)
-    spec, backend = runtime.spec, runtime.backend.value
+    spec, backend = runtime.spec, getattr(runtime.backend, "value", runtime.backend)  # ViT runtimes: a str
     runtime.close()
     return spec, backend
 
@@ -69,6 +69,7 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
     from ray import serve
 
     from deimv2_deploy.serving.app import build_application
+    from deimv2_deploy.serving.protocol import endpoints, model_kind, model_title
 
     stop = stop or threading.Event()
     previous: dict[int, Any] = {}
@@ -90,10 +91,10 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
         app = build_application(settings)
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        print(f"deimv2-serve: DEIMv2-{spec.variant} ({backend}, {spec.precision}) on {url}  "
+        print(f"deimv2-serve: {model_title(spec)} ({backend}, {spec.precision}) on {url}  "
               f"[{settings.replicas} replica(s) x {settings.runtime_threads} thread(s), batches of up to "
               f"{settings.max_batch}, ready in {time.perf_counter() - started:.1f} s]", file=sys.stderr, flush=True)
-        print("  POST /detect, GET /health, GET /metadata; Ctrl-C to stop", file=sys.stderr, flush=True)
+        print(f"  {endpoints(model_kind(spec))}; Ctrl-C to stop", file=sys.stderr, flush=True)
         if on_ready is not None:
             on_ready(url)
         while not stop.wait(0.5):

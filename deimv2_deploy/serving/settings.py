@@ -37,7 +37,7 @@ class ServeSettings:
     backend: str | None = None  # None: the backend the file type implies (see runtimes.load_runtime)
     device: str = "cpu"
     variant: str | None = None  # only for an artifact without deimv2-deploy metadata (official exporter)
-    score: float = 0.4  # default score threshold; a request may pass ?score=
+    score: float = 0.4  # default score threshold (detections; EoMT instances); a request may pass ?score=
     max_batch: int = 8  # requests batched into one graph call, at most
     batch_wait_ms: float = 5.0  # how long a replica waits for a batch to fill
     replicas: int = 1
@@ -48,7 +48,8 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if not self.artifact:
-            raise ValueError("artifact must name an exported model file (.onnx, .xml, .engine)")
+            raise ValueError("artifact must name an exported model file (.onnx, .xml, .engine; EoMT and DINOv3: "
+                             ".onnx, .xml)")
         object.__setattr__(self, "artifact", os.path.abspath(os.path.expanduser(str(self.artifact))))
         if not 0.0 <= float(self.score) <= 1.0:
             raise ValueError(f"score must lie in [0, 1], got {self.score}")
