@@ -11,38 +11,24 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers (pinned 5.24)")
 
 from faster_coco_eval.core import mask as mask_api  # noqa: E402
-from vit_helpers import make_confident  # noqa: E402
+from vit_helpers import TINY_NAMES, tiny_vit_artifacts  # noqa: E402
 
 from deimv2_deploy.cli.infer import main as infer_main  # noqa: E402
-from deimv2_deploy.exporters.vit_export import export_vit  # noqa: E402
 from deimv2_deploy.runtimes import load_runtime  # noqa: E402
 
-NAMES = {0: "person", 1: "car", 2: "sky", 3: "road"}
+NAMES = TINY_NAMES
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer_vit")
-    torch.manual_seed(5)
-    config = transformers.EomtDinov3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8, num_register_tokens=1,
-                                           num_blocks=1, num_queries=12, num_labels=4, id2label=NAMES)
-    model = transformers.EomtDinov3ForUniversalSegmentation(config).eval()
-    model.attn_mask_probs.fill_(0.0)
-    make_confident(model, no_object_bias=12.0)  # instances pass --score, panoptic keeps segments
-    model.save_pretrained(root / "eomt")
-    dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-        patch_size=8, num_register_tokens=1)).eval()
-    dino.save_pretrained(root / "dino")
+    made = tiny_vit_artifacts(root)
     images = root / "images"
     for folder in ("a", "b"):  # the same file name twice: outputs must not collide
         (images / folder).mkdir(parents=True)
         rng = np.random.default_rng(len(folder) + ord(folder))
         cv2.imwrite(str(images / folder / "photo.png"), rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
-    return {"eomt": export_vit("eomt", root / "eomt", output_dir=root, stuff_classes="sky,road", quiet=True).path,
-            "eomt_nostuff": export_vit("eomt", root / "eomt", output_dir=root / "ns", quiet=True).path,
-            "dino": export_vit("dinov3", root / "dino", output_dir=root, quiet=True).path, "images": images}
+    return {**made, "images": images}
 
 
 def _decode(rle):

@@ -21,36 +21,21 @@ pytest.importorskip("ray.serve", reason="deimv2-serve needs the serve extra (ray
 
 from starlette.requests import Request  # noqa: E402
 from test_serve import _encode, _kill, _request, _start_service  # noqa: E402
-from vit_helpers import make_confident  # noqa: E402
+from vit_helpers import TINY_NAMES, tiny_vit_artifacts  # noqa: E402
 
-from deimv2_deploy.exporters.vit_export import export_vit  # noqa: E402
 from deimv2_deploy.runtimes import load_runtime  # noqa: E402
 from deimv2_deploy.serving.settings import ServeSettings  # noqa: E402
 from deimv2_deploy.vit_records import array_from_record, rle_decode  # noqa: E402
 from deimv2_deploy.vit_spec import VitSpec  # noqa: E402
 
-NAMES = {0: "person", 1: "car", 2: "sky", 3: "road"}
+NAMES = TINY_NAMES
 STUFF = (2, 3)
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_vit")
-    torch.manual_seed(5)
-    config = transformers.EomtDinov3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8, num_register_tokens=1,
-                                           num_blocks=1, num_queries=12, num_labels=4, id2label=NAMES)
-    model = transformers.EomtDinov3ForUniversalSegmentation(config).eval()
-    model.attn_mask_probs.fill_(0.0)
-    make_confident(model, no_object_bias=12.0)  # instances pass the threshold, panoptic keeps segments
-    model.save_pretrained(root / "eomt")
-    dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-        patch_size=8, num_register_tokens=1)).eval()
-    dino.save_pretrained(root / "dino")
-    return {"eomt": export_vit("eomt", root / "eomt", output_dir=root, stuff_classes="sky,road", quiet=True).path,
-            "eomt_nostuff": export_vit("eomt", root / "eomt", output_dir=root / "ns", quiet=True).path,
-            "dino": export_vit("dinov3", root / "dino", output_dir=root, quiet=True).path}
+    return tiny_vit_artifacts(root)
 
 
 @pytest.fixture(scope="module")
