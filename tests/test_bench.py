@@ -184,7 +184,8 @@ def test_json_schema_is_stable(fake_result, tmp_path):
                          "accuracy", "rows", "choice"}
     assert set(data["config"]) == {"sizes", "backends", "precisions", "device", "batches", "threads", "warmup",
                                    "iters", "seconds", "mode", "video", "random_weights", "checkpoint_dir",
-                                   "checkpoint", "calibration", "parity", "interleave", "accuracy", "max_ap_drop"}
+                                   "checkpoint", "calibration", "parity", "interleave", "accuracy", "max_ap_drop",
+                                   "vit", "tasks"}
     assert data["accuracy"] is None and data["config"]["accuracy"] is None  # no --accuracy
     assert data["choice"] is None and data["config"]["max_ap_drop"] is None
     assert {"cpu", "threads", "gpus", "libraries", "os", "python", "command", "load_average"} <= set(data["system"])

@@ -10,14 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from deimv2_deploy.benchmarks.stats import LatencyStats
+from deimv2_deploy.errors import BackendUnavailableError
 from deimv2_deploy.runtimes.base import Backend, Runtime
 from deimv2_deploy.variants import VARIANT_NAMES, get_variant_info
 
-__all__ = ["BenchConfig", "BenchRow", "BenchResult", "RowKey", "Skip", "Loader", "MODES", "OFFICIAL_BACKENDS",
+__all__ = ["BenchConfig", "BenchRow", "BenchResult", "RowKey", "Skip", "Loader", "MODES", "VIT_MODES", "VIT_BACKENDS",
+           "OFFICIAL_BACKENDS", "fail_row",
            "BACKEND_ORDER", "DEFAULT_ITERS", "MIN_ITERS", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 MODES = ("model", "end-to-end", "video", "predict")
+VIT_MODES = ("model", "predict")  # --vit rows: the graph on pixel_values, or Runtime.predict on an image
+VIT_BACKENDS = ("torch", "onnxruntime", "openvino")  # torch: transformers' eager model (a folder given)
 # baselines: the official-style ONNX on a stock runtime (pseudo-backend -> the runtime library that runs it)
 OFFICIAL_BACKENDS = {"onnxruntime-official": "onnxruntime", "openvino-official": "openvino"}
 BACKEND_ORDER = (Backend.TORCH.value, *OFFICIAL_BACKENDS,  # torch first: the reference of speed-up and parity
@@ -32,10 +36,18 @@ class Skip(Exception):
     """This row cannot run on this machine; the message is the reason shown in the table."""
 
 
+def fail_row(row: BenchRow, error: Exception) -> None:
+    """Mark `row` skipped (Skip, a missing backend library) or failed (any other error), with the reason."""
+    if isinstance(error, (Skip, BackendUnavailableError)):
+        row.status, row.reason = "skipped", str(error)
+    else:
+        row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
+
+
 # --- configuration ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchConfig:
-    sizes: tuple[str, ...] = ("atto",)
+    sizes: tuple[str, ...] | None = None  # DEIMv2 sizes (default atto); must stay None with `vit`
     backends: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
     precisions: tuple[str, ...] = ("fp32",)
     device: str = "cpu"
@@ -61,9 +73,18 @@ class BenchConfig:
     accuracy_annotations: str | None = None
     max_images: int | None = None  # accuracy on the first N images only
     max_ap_drop: float | None = None  # AP points: choose the fastest row within this drop from FP32 (choice.py)
+    # an EoMT-DINOv3 / DINOv3 model instead of DEIMv2 sizes (benchmarks/vit.py): a transformers folder (exported to
+    # the store) or an exported .onnx / .xml; its rows carry the model's name in the `size` column
+    vit: str | None = None
+    tasks: tuple[str, ...] = ()  # EoMT in predict mode: the tasks Runtime.predict runs (default: the runtime's)
 
     def __post_init__(self) -> None:
-        sizes = tuple(get_variant_info(s).name for s in self.sizes)  # raises on unknown sizes
+        if self.vit is not None:
+            self._check_vit()
+            return
+        if self.tasks:
+            raise ValueError(f"--task {','.join(self.tasks)} chooses EoMT's tasks: it needs --vit EOMT_MODEL")
+        sizes = tuple(get_variant_info(s).name for s in (("atto",) if self.sizes is None else self.sizes))
         if not sizes:
             raise ValueError("no sizes given: choose from " + ", ".join(VARIANT_NAMES))
         object.__setattr__(self, "sizes", sizes)
@@ -78,26 +99,7 @@ class BenchConfig:
                 raise ValueError(f"unknown precision {p!r}: choose from {', '.join(known)}")
         if not self.precisions:
             raise ValueError("no precisions given: choose from " + ", ".join(known))
-        if not self.batches or any(int(b) < 1 for b in self.batches):
-            raise ValueError(f"batch sizes must be positive integers, got {list(self.batches)}")
-        object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
-        device = self.device.lower()
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}")
-        object.__setattr__(self, "device", device)
-        if self.iters is not None and self.seconds is not None:
-            raise ValueError("give either --iters or --seconds, not both")
-        if self.iters is not None and self.iters < 1:
-            raise ValueError(f"--iters must be at least 1, got {self.iters}")
-        if self.seconds is not None and not self.seconds > 0:
-            raise ValueError(f"--seconds must be positive, got {self.seconds}")
-        if self.iters is None and self.seconds is None:
-            object.__setattr__(self, "iters", DEFAULT_ITERS)
-        if self.warmup < 1:
-            raise ValueError(f"--warmup must be at least 1 (the first call is always a warm-up: it is reported "
-                             f"as the first-inference latency), got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        self._check_common()
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
         if (self.accuracy_images is None) != (self.accuracy_annotations is None):
@@ -132,6 +134,64 @@ class BenchConfig:
                 raise ValueError("--interleave times calls of several rows in turn; --mode video streams one "
                                  "file per row: leave --interleave out")
 
+    def _check_common(self) -> None:
+        """Batches, device, timing and threads: the same for DEIMv2 and --vit runs."""
+        if not self.batches or any(int(b) < 1 for b in self.batches):
+            raise ValueError(f"batch sizes must be positive integers, got {list(self.batches)}")
+        object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
+        device = self.device.lower()
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}")
+        object.__setattr__(self, "device", device)
+        if self.iters is not None and self.seconds is not None:
+            raise ValueError("give either --iters or --seconds, not both")
+        if self.iters is not None and self.iters < 1:
+            raise ValueError(f"--iters must be at least 1, got {self.iters}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"--seconds must be positive, got {self.seconds}")
+        if self.iters is None and self.seconds is None:
+            object.__setattr__(self, "iters", DEFAULT_ITERS)
+        if self.warmup < 1:
+            raise ValueError(f"--warmup must be at least 1 (the first call is always a warm-up: it is reported "
+                             f"as the first-inference latency), got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+
+    def _check_vit(self) -> None:
+        """--vit: one EoMT / DINOv3 model; the DEIMv2-only options are one-line errors naming the option."""
+        if self.sizes is not None:
+            raise ValueError(f"--sizes {','.join(self.sizes)} picks DEIMv2 sizes; --vit {self.vit} benchmarks that one "
+                             "model: leave --sizes out (or run the detectors without --vit)")
+        object.__setattr__(self, "sizes", ())
+        if not Path(self.vit).exists():
+            raise FileNotFoundError(f"--vit {self.vit}: no such file or folder (give a transformers EoMT-DINOv3 / "
+                                    "DINOv3 folder or its exported .onnx / .xml)")
+        backends = tuple(dict.fromkeys(str(b).lower() for b in self.backends))
+        if not backends:
+            raise ValueError("no backends given: choose from " + ", ".join(VIT_BACKENDS))
+        for b in backends:
+            if b not in VIT_BACKENDS:
+                raise ValueError(f"--vit rows run on {', '.join(VIT_BACKENDS)} (torch: transformers' eager model), "
+                                 f"not {b!r}: drop it from --backends")
+        object.__setattr__(self, "backends", backends)
+        if tuple(self.precisions) != ("fp32",):
+            raise ValueError(f"--vit artifacts are FP32 (the DINOv3/EoMT exporter makes FP32 only), got --precision "
+                             f"{','.join(self.precisions)}: leave --precision out")
+        self._check_common()
+        if self.device != "cpu":
+            raise ValueError(f"DINOv3/EoMT runtimes run on the CPU for now, not --device {self.device}: use cpu")
+        if self.mode not in VIT_MODES:
+            raise ValueError(f"--vit times --mode {' or '.join(VIT_MODES)}, not {self.mode!r}")
+        if self.tasks and self.mode != "predict":
+            raise ValueError(f"--task {','.join(self.tasks)} chooses what EoMT's predict runs: add --mode predict")
+        given = [flag for flag, on in (("--checkpoint", self.checkpoint), ("--random-weights", self.random_weights),
+                                       ("--calibration", self.calibration), ("--video", self.video),
+                                       ("--accuracy", self.accuracy_annotations or self.accuracy_images),
+                                       ("--max-ap-drop", self.max_ap_drop is not None)) if on]
+        if given:
+            raise ValueError(f"{given[0]} is for DEIMv2 rows; --vit takes the model's own weights (folder or "
+                             "artifact): leave it out")
+
     @property
     def accuracy(self) -> bool:
         """Whether every row also measures COCO AP (on accuracy_images + accuracy_annotations)."""
@@ -150,6 +210,8 @@ class BenchConfig:
         from deimv2_deploy.exporters.common import resolve_store
 
         root = resolve_store(self.checkpoint_dir)
+        if self.vit is not None and Path(self.vit).is_dir():  # a transformers folder's exports: a folder of its own
+            return root / f"bench-{Path(self.vit).resolve().name}"
         if self.checkpoint is None:
             return root
         path = Path(self.checkpoint)
@@ -169,7 +231,7 @@ class BenchConfig:
                 "accuracy": None if not self.accuracy else {"images": self.accuracy_images,
                                                             "annotations": self.accuracy_annotations,
                                                             "max_images": self.max_images},
-                "max_ap_drop": self.max_ap_drop}
+                "max_ap_drop": self.max_ap_drop, "vit": self.vit, "tasks": list(self.tasks)}
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,10 @@ Modes:
 
 Baselines: the pseudo-backends `onnxruntime-official` and `openvino-official` run the ONNX file the official
 exporter makes of the same model (`export_official_style_onnx`: plain trace, dynamic batch, no graph work) with
-each library's stock settings. With `interleave`, the rows of one size and batch take turns call by call, so load
-from other processes hits them alike and their ratios stay meaningful on a shared machine.
+each library's stock settings. `BenchConfig.vit` times one EoMT-DINOv3 / DINOv3 model instead (benchmarks/vit.py:
+its rows, artifacts, calls and parity; the timing, statistics and reports are these). With `interleave`, the rows
+of one size and batch take turns call by call, so load from other processes hits them alike and their ratios stay
+meaningful on a shared machine.
 """
 from __future__ import annotations
 
@@ -53,8 +55,8 @@ from deimv2_deploy.benchmarks.config import (
     Loader,
     RowKey,
     Skip,
+    fail_row,
 )
-from deimv2_deploy.benchmarks.stats import fps_from_mean, summarize, throughput_from_mean
 from deimv2_deploy.benchmarks.sysinfo import (
     command_line,
     cpu_info,
@@ -64,8 +66,16 @@ from deimv2_deploy.benchmarks.sysinfo import (
     system_fingerprint,
     tier_of,
 )
-from deimv2_deploy.benchmarks.timing import Progress, Timing, make_sync, memory_mb, time_calls, time_round_robin
-from deimv2_deploy.runtimes.base import Backend, BackendUnavailableError, Runtime
+from deimv2_deploy.benchmarks.timing import (
+    Progress,
+    Timing,
+    make_sync,
+    record_resources,
+    record_timing,
+    time_calls,
+    time_round_robin,
+)
+from deimv2_deploy.runtimes.base import Backend, Runtime
 
 __all__ = ["BenchConfig", "BenchRow", "BenchResult", "Skip", "Timing", "RowKey", "run_benchmark", "time_calls",
            "time_round_robin", "load_torch_reference", "MODES", "PRECISIONS", "BACKEND_ORDER", "OFFICIAL_BACKENDS",
@@ -98,19 +108,14 @@ def _open_row(key: RowKey, config: BenchConfig, loaders: Mapping[str, Loader], n
         return row, None
 
 
-def _fail(row: BenchRow, error: Exception) -> None:
-    if isinstance(error, (Skip, BackendUnavailableError)):
-        row.status, row.reason = "skipped", str(error)
-    else:
-        row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
+_fail = fail_row
 
 
 def _finish_row(row: BenchRow, key: RowKey, runtime: Runtime, timing: Timing, graph_only: bool,
                 config: BenchConfig, references: References, accuracy: AccuracyProbe | None) -> BenchRow:
     """Statistics, memory, parity (and with --accuracy, AP) of a timed row; closes its runtime."""
     try:
-        row.rss_mb, row.peak_rss_mb = memory_mb()  # while the runtime is still loaded
-        row.load_1m = (load_average() or [None])[0]
+        record_resources(row)  # while the runtime is still loaded
         # outputs on the fixed parity input (graph-only timing: the timed input itself; other modes read JPEGs,
         # images or video frames, so one more untimed call on the exact input the PyTorch reference saw)
         described = runtime.describe()
@@ -128,15 +133,7 @@ def _finish_row(row: BenchRow, key: RowKey, runtime: Runtime, timing: Timing, gr
     finally:
         runtime.close()
 
-    row.first_ms = timing.first_ns / 1e6
-    row.warmup = timing.warmup
-    row.latency = summarize(timing.samples_ns)
-    row.fps = fps_from_mean(row.latency.mean) if key.batch == 1 else None
-    row.throughput = throughput_from_mean(row.latency.mean, key.batch)
-    if timing.stages_ns:
-        row.stages = {name: summarize(values) for name, values in timing.stages_ns.items()}
-    if config.keep_samples:
-        row.samples_ms = [round(s / 1e6, 4) for s in timing.samples_ns]
+    record_timing(row, timing, config.keep_samples)
     if outputs is not None:
         if key.backend == "torch" and key.precision == "fp32":
             references.put(key.size, key.batch, outputs)
@@ -235,7 +232,8 @@ def _describe_row(row: BenchRow) -> str:
 # --- the run ---------------------------------------------------------------------------------------------
 def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = None,
                   on_row: Callable[[BenchResult], None] | None = None) -> BenchResult:
-    """Every (size, backend, precision, batch) row of `config`, in order size > backend > precision > batch.
+    """Every (size, backend, precision, batch) row of `config`, in order size > backend > precision > batch; with
+    `config.vit`, the rows (backend > batch) of that EoMT / DINOv3 model (benchmarks/vit.py).
 
     `loaders` maps a backend name to a function building its Runtime (tests use it for synthetic backends);
     other names must be real backends. `on_row(result)` is called after each row with the partial result
@@ -254,8 +252,15 @@ def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = No
     accuracy = AccuracyProbe(config) if config.accuracy else None  # a bad dataset stops the run before any row
     result = BenchResult(config, system, accuracy=None if accuracy is None else accuracy.describe())
     references = References(config)
-    keys = [RowKey(s, b, p, n) for s in config.sizes for b in backends for p in config.precisions
-            for n in config.batches]
+    vit = None
+    if config.vit is not None:  # one EoMT / DINOv3 model (vit.py); a bad --vit stops the run here, before any row
+        from deimv2_deploy.benchmarks.vit import VitBench
+
+        vit = VitBench(config, names[0], lambda message: _log(config, message))
+        keys = vit.keys(backends)
+    else:
+        keys = [RowKey(s, b, p, n) for s in config.sizes for b in backends for p in config.precisions
+                for n in config.batches]
     if config.interleave:  # one group per (size, batch): its rows take turns
         groups: dict[tuple[str, int], list[RowKey]] = {}
         for key in keys:
@@ -271,7 +276,8 @@ def run_benchmark(config: BenchConfig, loaders: Mapping[str, Loader] | None = No
             label = (f"[{done + 1}/{len(keys)}] {first.size} {first.backend} {first.precision} b{first.batch}"
                      if len(step) == 1 else f"[{done + 1}-{done + len(step)}/{len(keys)}] {first.size} b{first.batch}"
                      f" ({len(step)} rows in turns)")
-            rows = ([_bench_row(first, config, loaders, references, names, label, Path(tmp), accuracy)]
+            rows = (vit.run(step, label) if vit is not None
+                    else [_bench_row(first, config, loaders, references, names, label, Path(tmp), accuracy)]
                     if not config.interleave
                     else _bench_group(step, config, loaders, references, names, label, Path(tmp), accuracy))
             for row in rows:

@@ -27,7 +27,7 @@ _STAGES = ("read", "preprocess", "infer", "postprocess")
 CSV_FIELDS = (
     ("schema_version",) + _ROW_SCALARS + tuple(f"{k}_ms" for k in STAT_KEYS)
     + ("fps", "throughput_ips", "rss_mb", "peak_rss_mb", "load_1m", "speedup_vs_torch", "parity_ok",
-       "parity_matched_fraction", "parity_max_box_diff", "parity_max_score_diff")
+       "parity_matched_fraction", "parity_max_box_diff", "parity_max_score_diff", "parity_max_abs_diff")
     + tuple(f"{s}_mean_ms" for s in _STAGES) + tuple(f"{s}_p99_ms" for s in _STAGES)
     + ("AP", "AP50", "AP75", "accuracy_images", "accuracy_note")
 )
@@ -64,6 +64,8 @@ def _parity_cell(row: dict[str, Any]) -> str:
     if p.get("ok") is None:
         return p.get("detail", "n/a")
     mark = "" if p["ok"] else " ✗"
+    if "max_abs_diff" in p:  # --vit rows: the graph's outputs against the reference's (benchmarks/vit.py)
+        return f"max abs diff {p['max_abs_diff']:.1e} vs {p['against']}{mark}"
     return f"{100 * p['matched_fraction']:.1f}% · {p['max_box_diff']:.1e} px · {p['max_score_diff']:.1e}{mark}"
 
 
@@ -97,8 +99,10 @@ def _header(data: dict[str, Any]) -> list[str]:
     tiers = sorted({f"{r['tier']} ({r['device_name']})" for r in data["rows"]})
     weights = _weights_label(config, "RANDOM deterministic weights (timing only; detections meaningless)")
     timed = f"{config['iters']} timed calls" if config["iters"] else f"{config['seconds']} s of timed calls"
+    tasks = f" (EoMT tasks {', '.join(config['tasks'])})" if config.get("tasks") else ""
     return [
-        f"Tier: {', '.join(tiers) or config['device']} · mode {config['mode']} · {_threads(config['threads'])} · "
+        f"Tier: {', '.join(tiers) or config['device']} · mode {config['mode']}{tasks} · "
+        f"{_threads(config['threads'])} · "
         f"{config['warmup']} warm-up calls then {timed} per row · {weights}",
         f"CPU: {cpu['model']} ({cpu['arch']}), {cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores"
         + (f", cgroup quota {cpu['cgroup_cpu_quota']}" if cpu.get("cgroup_cpu_quota") else "")
@@ -130,10 +134,14 @@ _COLUMNS = ("tier · device", "size", "backend", "prec", "batch", "status", "cal
             "p90", "p99", "max", "FPS", "img/s", "first ms", "load s", "peak RSS MB", "load 1m", "× torch",
             "parity vs torch (matched · max box · max score)", "note")
 _AP_AT = _COLUMNS.index("first ms")  # --accuracy: AP and AP50 go right after the latency figures
+_VIT_COLUMNS = {"size": "model",  # --vit runs: the model's name, and parity as the largest output difference
+                "parity vs torch (matched · max box · max score)": "parity (max abs diff vs reference)"}
 
 
 def _weights_label(config: dict[str, Any], random_label: str) -> str:
     """Whose weights the rows ran: random, a given --checkpoint file, or the store's official checkpoints."""
+    if config.get("vit"):
+        return f"model {config['vit']} (its own weights; the size column holds its name)"
     if config.get("random_weights"):
         return random_label
     if config.get("checkpoint"):
@@ -191,7 +199,10 @@ def to_markdown(result: BenchResult | dict[str, Any], title: str = "DEIMv2 laten
     """The report as markdown: fingerprint, one table row per configuration, and how to read it."""
     data = _data(result)
     accuracy = bool(data.get("accuracy"))
+    vit = bool(data["config"].get("vit"))
     columns = _COLUMNS if not accuracy else (*_COLUMNS[:_AP_AT], "AP", "AP50", *_COLUMNS[_AP_AT:])
+    if vit:
+        columns = tuple(_VIT_COLUMNS.get(c, c) for c in columns)
     lines = [f"# {title}", ""]
     lines += [f"- {h}" for h in _header(data)]
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -206,7 +217,12 @@ def to_markdown(result: BenchResult | dict[str, Any], title: str = "DEIMv2 laten
         "eager mean / this mean on the same device. Parity: detections matched order-free against PyTorch on the "
         "same input (fraction matched, largest box and score difference among matched)."
         + (" AP: COCO AP@[.50:.95], AP50: AP@.50, of the row's own runtime on the dataset named above (random "
-           "weights say so: their AP measures nothing)." if accuracy else ""),
+           "weights say so: their AP measures nothing)." if accuracy else "")
+        + (" --vit rows: `size` is the model's name; `× torch` and parity compare with transformers' eager model "
+           "(the folder given), else parity compares with the ONNX Runtime row: the largest absolute difference over "
+           "the graph's outputs on the same pixel_values (✗ above the exporter's tolerance, 1e-4 + 1e-4 × max "
+           "|reference|). predict mode: Runtime.predict on a 640x480 image, the torch row graph only." if vit
+           else ""),
         "",
     ]
     if data.get("choice"):
@@ -251,7 +267,8 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     parity = row.get("parity") or {}
     out.update({"parity_ok": parity.get("ok"), "parity_matched_fraction": parity.get("matched_fraction"),
                 "parity_max_box_diff": parity.get("max_box_diff"),
-                "parity_max_score_diff": parity.get("max_score_diff")})
+                "parity_max_score_diff": parity.get("max_score_diff"),
+                "parity_max_abs_diff": parity.get("max_abs_diff")})
     stages = row.get("stages_ms") or {}
     for s in _STAGES:
         out[f"{s}_mean_ms"] = stages.get(s, {}).get("mean")
@@ -298,6 +315,9 @@ def write_plot(result: BenchResult | dict[str, Any], path: str | os.PathLike) ->
     from matplotlib.ticker import FuncFormatter
 
     data = _data(result)
+    if data["config"].get("vit"):
+        raise ValueError("the plot compares DEIMv2 sizes (and their published AP); a --vit run has one model: use "
+                         "the table, --csv or --output")
     rows = [r for r in data["rows"] if r["status"] == "ok" and r.get("latency_ms")]
     if not rows:
         raise ValueError("no timed rows to plot (all rows were skipped or failed)")

@@ -9,10 +9,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deimv2_deploy.benchmarks.config import MIN_ITERS
-from deimv2_deploy.benchmarks.sysinfo import tier_of
+from deimv2_deploy.benchmarks.config import MIN_ITERS, BenchRow
+from deimv2_deploy.benchmarks.stats import fps_from_mean, summarize, throughput_from_mean
+from deimv2_deploy.benchmarks.sysinfo import load_average, tier_of
 
-__all__ = ["Timing", "time_calls", "time_round_robin", "make_sync", "Progress", "memory_mb"]
+__all__ = ["Timing", "time_calls", "time_round_robin", "make_sync", "Progress", "memory_mb", "record_timing",
+           "record_resources"]
 
 
 @dataclass
@@ -183,3 +185,22 @@ def time_round_robin(calls: Mapping[Any, tuple[Callable[[], Any], bool]], *, war
         output = first[key][1][0] if staged else first[key][1]
         out[key] = Timing(first[key][0], warmup, samples[key], output, stages[key] if staged else None)
     return out
+
+
+def record_timing(row: BenchRow, timing: Timing, keep_samples: bool) -> None:
+    """A timed row's figures from every timed call: first call, statistics, FPS / throughput, stages, samples."""
+    row.first_ms = timing.first_ns / 1e6
+    row.warmup = timing.warmup
+    row.latency = summarize(timing.samples_ns)
+    row.fps = fps_from_mean(row.latency.mean) if row.batch == 1 else None
+    row.throughput = throughput_from_mean(row.latency.mean, row.batch)
+    if timing.stages_ns:
+        row.stages = {name: summarize(values) for name, values in timing.stages_ns.items()}
+    if keep_samples:
+        row.samples_ms = [round(s / 1e6, 4) for s in timing.samples_ns]
+
+
+def record_resources(row: BenchRow) -> None:
+    """Process memory (current, peak) and the system's 1-minute load average, as the row ends."""
+    row.rss_mb, row.peak_rss_mb = memory_mb()
+    row.load_1m = (load_average() or [None])[0]

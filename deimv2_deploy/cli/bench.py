@@ -2,6 +2,7 @@
 
     deimv2-bench --sizes atto,femto --backends torch,onnxruntime,openvino --iters 100 --random-weights
     deimv2-bench --sizes all --seconds 20 --threads 2 --random-weights --output cpu.json --plot cpu.png
+    deimv2-bench --vit eomt_folder/ --mode predict --task semantic --seconds 10   # an EoMT-DINOv3 / DINOv3 model
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ Examples:
                --accuracy --data coco --max-images 500     # AP and AP50 beside every row's latency
   deimv2-bench --sizes atto --checkpoint my.pth --backends onnxruntime,openvino --precision fp32,fp16,int8,auto \
                --accuracy --data my_dataset --max-ap-drop 0.5    # + the fastest row within 0.5 AP points of FP32
+  deimv2-bench --vit coco_panoptic_eomt_large_640_dinov3/ --threads 2 --seconds 10   # torch (transformers),
+               # onnxruntime, openvino rows of that EoMT folder (exported to the store first), graph only
+  deimv2-bench --vit models/eomt_dinov3_x_640x640_fp32.onnx --backends onnxruntime,openvino --mode predict \
+               --task panoptic --interleave --seconds 10     # an exported artifact, Runtime.predict end to end
 """
 
 
@@ -88,7 +93,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deimv2-bench", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="atto", help="comma list of atto femto pico n s m l x, or 'all' (default atto)")
+    p.add_argument("--sizes", help="comma list of atto femto pico n s m l x, or 'all' (default atto)")
     p.add_argument("--backends", default="torch,onnxruntime,openvino",
                    help="comma list of torch onnxruntime openvino tensorrt, or 'all' "
                         "(default torch,onnxruntime,openvino); onnxruntime-official and openvino-official run "
@@ -109,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: the graph only; end-to-end: read + preprocess + infer + postprocess, each timed; "
                         "predict: Runtime.predict on an in-memory 640x480 image, baselines (torch, *-official) "
                         "graph only; video: frames of --video through Runtime.stream")
+    vit = p.add_argument_group("EoMT-DINOv3 / DINOv3", "--vit: rows of one such model instead of DEIMv2 sizes "
+                                                      "(FP32; --mode model or predict; its name in the size column)")
+    vit.add_argument("--vit", metavar="FOLDER_OR_ARTIFACT",
+                     help="a transformers EoMT-DINOv3 / DINOv3 folder (exported to the store first; adds the torch "
+                          "row: transformers' eager model, the parity reference) or an exported .onnx / .xml "
+                          "(parity against the ONNX Runtime row)")
+    vit.add_argument("--task", action="append",
+                     help="EoMT, --mode predict: the tasks predict runs (semantic, instance, panoptic; repeat or "
+                          "comma-separate; default semantic,instance, + panoptic when the artifact has its stuff "
+                          "classes)")
     p.add_argument("--interleave", action="store_true",
                    help="the rows of one size take turns call by call (fair ratios on a shared machine)")
     p.add_argument("--video", help="video file for --mode video")
@@ -141,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write one CSV line per row to this file")
     p.add_argument("--plot", help="write a latency plot (PNG) to this file")
     p.add_argument("--no-samples", action="store_true", help="leave the raw per-call latencies out of the JSON")
-    p.add_argument("--title", default="DEIMv2 latency", help="title of the markdown report")
+    p.add_argument("--title", help="title of the markdown report (default: DEIMv2 latency, or the --vit model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-row log on stderr")
     return p
 
@@ -159,9 +174,15 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
     if args.video and args.mode != "video":
         raise ValueError("--video is only used with --mode video")
+    if args.vit is None and args.task:
+        raise ValueError(f"--task {','.join(args.task)} chooses EoMT's tasks: it needs --vit EOMT_MODEL")
+    if args.vit is not None and args.plot:
+        raise ValueError("--plot compares DEIMv2 sizes; a --vit run has one model: use --markdown, --csv or --output")
     dataset = _accuracy_dataset(args)
+    tasks = tuple(dict.fromkeys(t.strip().lower() for v in args.task or () for t in v.split(",") if t.strip()))
     config = BenchConfig(
-        sizes=parse_sizes(args.sizes), backends=parse_backends(args.backends),
+        sizes=None if args.sizes is None else parse_sizes(args.sizes), vit=args.vit, tasks=tasks,
+        backends=parse_backends(args.backends),
         precisions=tuple(dict.fromkeys(_split(args.precision))), device=args.device, batches=args.batch,
         threads=args.threads, warmup=args.warmup, iters=args.iters, seconds=args.seconds, mode=args.mode,
         video=args.video, random_weights=args.random_weights, checkpoint_dir=args.checkpoint_dir,
@@ -173,13 +194,14 @@ def _run(args: argparse.Namespace, command: str) -> int:
         max_ap_drop=args.max_ap_drop)
     on_row = (lambda partial: write_json(partial, args.output)) if args.output else None
     result = run_benchmark(config, on_row=on_row)
-    text = to_markdown(result, args.title)
+    title = args.title or (f"{args.vit} latency" if args.vit else "DEIMv2 latency")
+    text = to_markdown(result, title)
     print(text)
     written = []
     if args.output:
         written.append(write_json(result, args.output))
     if args.markdown:
-        written.append(write_markdown(result, args.markdown, args.title))
+        written.append(write_markdown(result, args.markdown, title))
     if args.csv:
         written.append(write_csv(result, args.csv))
     if args.plot:
