@@ -14,10 +14,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("openvino")
 
+from vit_helpers import tiny_vit_artifacts  # noqa: E402
+
 from deimv2_deploy.benchmarks import BenchConfig, run_benchmark  # noqa: E402
 from deimv2_deploy.benchmarks.report import to_csv, to_markdown  # noqa: E402
 from deimv2_deploy.cli.bench import main as bench_main  # noqa: E402
-from vit_helpers import tiny_vit_artifacts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
