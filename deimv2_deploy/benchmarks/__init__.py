@@ -6,7 +6,8 @@
 
 `config` (what to run, rows, results), `artifacts` (the table of row kinds and their artifacts in the model store),
 `calls` (what is timed per mode, parity), `timing` (the clocks), `harness` (runs the rows), `stats` (statistics
-over every timed call), `sysinfo` (machine fingerprint), `report` (markdown, CSV, JSON, plot).
+over every timed call), `sysinfo` (machine fingerprint), `report` (markdown, CSV, JSON, plot), `vit` (the rows of
+one EoMT-DINOv3 / DINOv3 model: `BenchConfig(vit="folder_or_artifact", mode="predict", tasks=("semantic",))`).
 """
 from deimv2_deploy.benchmarks.harness import (
     SCHEMA_VERSION,

@@ -141,7 +141,7 @@ _VIT_COLUMNS = {"size": "model",  # --vit runs: the model's name, and parity as 
 def _weights_label(config: dict[str, Any], random_label: str) -> str:
     """Whose weights the rows ran: random, a given --checkpoint file, or the store's official checkpoints."""
     if config.get("vit"):
-        return f"model {config['vit']} (its own weights; the size column holds its name)"
+        return f"model {config['vit']} (its own weights; the `model` column is the JSON/CSV `size`)"
     if config.get("random_weights"):
         return random_label
     if config.get("checkpoint"):
@@ -218,10 +218,11 @@ def to_markdown(result: BenchResult | dict[str, Any], title: str = "DEIMv2 laten
         "same input (fraction matched, largest box and score difference among matched)."
         + (" AP: COCO AP@[.50:.95], AP50: AP@.50, of the row's own runtime on the dataset named above (random "
            "weights say so: their AP measures nothing)." if accuracy else "")
-        + (" --vit rows: `size` is the model's name; `× torch` and parity compare with transformers' eager model "
-           "(the folder given), else parity compares with the ONNX Runtime row: the largest absolute difference over "
-           "the graph's outputs on the same pixel_values (✗ above the exporter's tolerance, 1e-4 + 1e-4 × max "
-           "|reference|). predict mode: Runtime.predict on a 640x480 image, the torch row graph only." if vit
+        + (" --vit rows: `model` is the model's name (`size` in the JSON and CSV); `× torch` and parity compare "
+           "with transformers' eager model (the folder given), else parity compares with the ONNX Runtime row: the "
+           "largest absolute difference over the graph's outputs on the same pixel_values (✗ above the exporter's "
+           "tolerance, 1e-4 + 1e-4 × max |reference|). predict mode: Runtime.predict on a 640x480 image, the torch "
+           "row graph only." if vit
            else ""),
         "",
     ]
