@@ -44,6 +44,24 @@ def fail_row(row: BenchRow, error: Exception) -> None:
         row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
 
 
+def rows_from_timings(opened: list[tuple[Any, BenchRow, Any]], calls: dict[int, Any], timings: dict[int, Any],
+                      finish: Callable[[int, Any, BenchRow, Any, Any], BenchRow]) -> list[BenchRow]:
+    """The rows of a group timed together: `opened` (key, row, runtime) in order; a row that got no call keeps what
+    it has, a timing that raised fails its row (and closes its runtime), the others go through `finish(i, key, row,
+    runtime, timing)`."""
+    rows = []
+    for i, (key, row, runtime) in enumerate(opened):
+        if i in calls:
+            timing = timings[i]
+            if isinstance(timing, Exception):
+                fail_row(row, timing)
+                runtime.close()
+            else:
+                row = finish(i, key, row, runtime, timing)
+        rows.append(row)
+    return rows
+
+
 # --- configuration ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchConfig:

@@ -56,6 +56,7 @@ from deimv2_deploy.benchmarks.config import (
     RowKey,
     Skip,
     fail_row,
+    rows_from_timings,
 )
 from deimv2_deploy.benchmarks.sysinfo import (
     command_line,
@@ -191,19 +192,12 @@ def _bench_group(keys: Sequence[RowKey], config: BenchConfig, loaders: Mapping[s
                                    sync=make_sync(config.device), progress=bar)
     finally:
         bar.close()
-    rows = []
-    for i, (key, row, runtime) in enumerate(opened):
-        if i in calls:
-            timing = timings[i]
-            if isinstance(timing, Exception):
-                _fail(row, timing)
-                runtime.close()
-            else:
-                if timing.stages_ns:
-                    timing.stages_ns.pop("detections", None)
-                row = _finish_row(row, key, runtime, timing, graph_only[i], config, references, accuracy)
-        rows.append(row)
-    return rows
+    def finish(i: int, key: RowKey, row: BenchRow, runtime: Runtime, timing: Timing) -> BenchRow:
+        if timing.stages_ns:
+            timing.stages_ns.pop("detections", None)
+        return _finish_row(row, key, runtime, timing, graph_only[i], config, references, accuracy)
+
+    return rows_from_timings(opened, calls, timings, finish)
 
 
 def _speedups(rows: Sequence[BenchRow]) -> None:

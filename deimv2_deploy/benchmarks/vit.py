@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from deimv2_deploy.benchmarks.config import BenchConfig, BenchRow, RowKey, Skip, fail_row
+from deimv2_deploy.benchmarks.config import BenchConfig, BenchRow, RowKey, Skip, fail_row, rows_from_timings
 from deimv2_deploy.benchmarks.timing import (
     Progress,
     Timing,
@@ -351,14 +351,6 @@ class VitBench:
                                            progress=bar)
         finally:
             bar.close()
-        rows = []
-        for i, (key, row, runtime) in enumerate(opened):
-            if i in calls:
-                timing = timings[i]
-                if isinstance(timing, Exception):
-                    fail_row(row, timing)
-                    runtime.close()
-                else:
-                    row = self._finish(key, row, runtime, timing, graph_only[i])
-            rows.append(row)
-        return rows
+        return rows_from_timings(opened, calls, timings,
+                                 lambda i, key, row, runtime, timing: self._finish(key, row, runtime, timing,
+                                                                                   graph_only[i]))
