@@ -214,3 +214,13 @@ def test_a_failure_or_sigterm_keeps_partial_output(made, tmp_path):
 def test_run_vit_video_refuses_eomt_options_on_dinov3(made, tmp_path):
     with pytest.raises(ValueError, match="tasks is for EoMT segmentation"):
         run_vit_video(load_runtime(made["dino"]), made["clip"], tasks=("semantic",), progress=False)
+
+
+def test_the_vit_video_path_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, deimv2_deploy.vit_video, deimv2_deploy.cli.infer_vit, deimv2_deploy.runtimes.vit_runtime; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
