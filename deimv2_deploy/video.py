@@ -23,6 +23,10 @@ Async hook (duck-typed, as `OpenVinoRuntime` has it): a runtime with `submit(inp
 call; blocks only while all its requests are busy) and `results(wait: bool) -> [(userdata, outputs), ...]`
 (finished calls in submission order) gets several batches in flight at once. Runtimes without it use `infer`.
 
+Other models (EoMT segmentation, DINOv3 features: vit_video.py) use the same pipeline through `run_frames` and a
+`FrameModel`: their own prepare (reader), predict (caller), draw and JSON fields (writer); the source, the verified
+atomic outputs, partial files, signals, progress and summary are this module's.
+
 Torch-free: this module needs only numpy, OpenCV and (for the progress bar) tqdm.
 """
 from __future__ import annotations
@@ -36,7 +40,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +55,9 @@ from deimv2_deploy.native import native_output_captured
 from deimv2_deploy.preprocess import PreparedBatch
 from deimv2_deploy.signals import shielded, stop_signals_as_interrupt
 
-__all__ = ["stream", "run_video", "VideoSummary", "VideoSourceError", "VideoSource", "open_source",
-           "preview_unavailable_reason", "partial_path", "write_synthetic_video", "video_runtime_options", "STAGES"]
+__all__ = ["stream", "run_video", "run_frames", "FrameModel", "VideoSummary", "VideoSourceError", "VideoSource",
+           "open_source", "preview_unavailable_reason", "partial_path", "write_synthetic_video",
+           "video_runtime_options", "STAGES"]
 
 STAGES = ("decode", "preprocess", "infer", "draw+encode")
 DEFAULT_FPS = 25.0  # for sources that do not report one (many cameras and streams)
@@ -187,14 +192,17 @@ class _Batch:
     indices: list[int]
     timestamps: list[float]  # seconds: the file's time stamps; live sources: since the first frame
     frames: list[np.ndarray]  # BGR uint8, fresh arrays from the decoder (never reused)
-    prepared: PreparedBatch
+    prepared: Any  # what the model's prepare() made of the frames (a detector: a PreparedBatch)
 
 
 class _Reader(threading.Thread):
-    def __init__(self, source: VideoSource, runtime: Any, batch: int, max_frames: int | None, capacity: int) -> None:
+    """Decodes `batch` frames at a time and runs `prepare(frames)` on them (the model's preprocessing)."""
+
+    def __init__(self, source: VideoSource, prepare: Callable[[list[np.ndarray]], Any], batch: int,
+                 max_frames: int | None, capacity: int) -> None:
         super().__init__(name="deimv2-video-reader", daemon=True)
         self.source = source
-        self.runtime = runtime
+        self.prepare = prepare
         self.batch = batch
         self.max_frames = max_frames
         self.out: queue.Queue = queue.Queue(maxsize=capacity)
@@ -234,7 +242,7 @@ class _Reader(threading.Thread):
             t = self.clock.add("decode", t)
             if not frames:
                 break
-            prepared = self.runtime.prepare(frames, "bgr")
+            prepared = self.prepare(frames)
             self.clock.add("preprocess", t)
             if not _put(self.out, _Batch(indices, stamps, frames, prepared), self.stop):
                 return
@@ -276,6 +284,19 @@ def _uses_async(runtime: Any) -> bool:
     return callable(getattr(runtime, "submit", None)) and callable(getattr(runtime, "results", None))
 
 
+def _read_batches(reader: _Reader) -> Iterator[_Batch]:
+    """Start `reader` and yield its batches until the source ends; a reader failure is raised here. The caller
+    stops and joins the reader (in its `finally`)."""
+    reader.start()
+    while True:
+        item = _get(reader.out, reader, "video reader")
+        if isinstance(item, _Failure):
+            raise item.error
+        if item is _END:
+            return
+        yield item
+
+
 def _infer_batches(runtime: Any, reader: _Reader, score_threshold: float, max_detections: int | None,
                    clock: _Clock) -> Iterator[tuple[_Batch, list[Detections]]]:
     """Batches from the reader with their detections, in order. Stops and joins the reader on exit."""
@@ -290,14 +311,8 @@ def _infer_batches(runtime: Any, reader: _Reader, score_threshold: float, max_de
             dets = [d[:max_detections] for d in dets]
         return item, dets
 
-    reader.start()
     try:
-        while True:
-            item = _get(reader.out, reader, "video reader")
-            if isinstance(item, _Failure):
-                raise item.error
-            if item is _END:
-                break
+        for item in _read_batches(reader):
             prepared = item.prepared
             if fixed is not None and prepared.images.shape[0] < fixed:
                 prepared = _pad(prepared, fixed)
@@ -358,7 +373,7 @@ def stream(runtime: Any, source: str | int | os.PathLike, *, batch: int = 1, sco
     _check_options(score_threshold, max_frames, max_detections, queue_size)
     batch = _effective_batch(runtime, batch)
     src = open_source(source)
-    reader = _Reader(src, runtime, batch, max_frames, _queue_capacity(queue_size, batch))
+    reader = _Reader(src, _detector_prepare(runtime), batch, max_frames, _queue_capacity(queue_size, batch))
     return _stream_frames(runtime, reader, score_threshold, max_detections)
 
 
@@ -391,6 +406,7 @@ class VideoSummary:
     stopped_early: bool = False  # q / Esc in the preview window, or Ctrl-C on a live source
     runtime: dict[str, Any] = field(default_factory=dict)
     fps_reported: bool = True  # False: the source gave none and DEFAULT_FPS was used
+    output_size: list[int] | None = None  # [width, height] of the output video where it differs from the source's
 
     @property
     def end_to_end_fps(self) -> float:
@@ -429,7 +445,9 @@ class VideoSummary:
         lines = [
             f"source      {self.source} ({self.width}x{self.height} @ {self.fps:g} fps"
             + (", not reported: assumed)" if not self.fps_reported else ")"),
-            f"output      {self.output or '-'}" + (f"   detections: {self.json_path}" if self.json_path else ""),
+            f"output      {self.output or '-'}"
+            + (f" ({self.output_size[0]}x{self.output_size[1]})" if self.output and self.output_size else "")
+            + (f"   JSON lines: {self.json_path}" if self.json_path else ""),
             f"frames      {self.frames}" + (f" of {self.expected_frames}" if self.expected_frames else "")
             + ("   (stopped by the user)" if self.stopped_early else ""),
             f"wall time   {self.wall_s:.2f} s   end-to-end {self.end_to_end_fps:.1f} FPS   "
@@ -569,32 +587,50 @@ def write_synthetic_video(path: str | os.PathLike, frames: int = 120, size: tupl
     return Path(path)
 
 
-def _json_record(index: int, timestamp: float, dets: Detections) -> str:
+def _frame_line(index: int, timestamp: float, fields: dict[str, Any]) -> str:
+    """One JSON line: the frame's index and time stamp, then the model's fields."""
+    return json.dumps({"frame": index, "timestamp": round(timestamp, 6), **fields}, separators=(",", ":"))
+
+
+def _detection_fields(dets: Detections) -> dict[str, Any]:
     names, ids = dets.class_names, dets.category_ids
-    return json.dumps({
-        "frame": index,
-        "timestamp": round(timestamp, 6),
+    return {
         "boxes": [[round(float(v), 2) for v in box] for box in dets.xyxy],
         "scores": [round(float(s), 5) for s in dets.scores],
         "labels": [int(lab) for lab in dets.labels],
         "class_names": [names[int(lab)] for lab in dets.labels],
         **({} if ids is None else {"category_ids": [ids[int(lab)] for lab in dets.labels]}),
-    }, separators=(",", ":"))
+    }
+
+
+def _json_record(index: int, timestamp: float, dets: Detections) -> str:
+    return _frame_line(index, timestamp, _detection_fields(dets))
+
+
+def _annotate_in_place(frame: np.ndarray, dets: Detections) -> np.ndarray:
+    return annotate(frame, dets, copy=False)  # the frame is ours alone: draw in place
 
 
 class _Writer(threading.Thread):
+    """Draws each frame (`draw_frame(frame, result)`; any size, the same for every frame), encodes it and writes
+    `record(result)` as the frame's JSON line."""
+
     def __init__(self, video: AtomicWrite | None, jsonl: AtomicWrite | None, fps: float, draw: bool, preview: bool,
-                 progress: Any, capacity: int) -> None:
+                 progress: Any, capacity: int,
+                 draw_frame: Callable[[np.ndarray, Any], np.ndarray] = _annotate_in_place,
+                 record: Callable[[Any], dict[str, Any]] = _detection_fields) -> None:
         super().__init__(name="deimv2-video-writer", daemon=True)
         self.video, self.jsonl = video, jsonl
         self.fps, self.draw, self.preview, self.progress = fps, draw, preview, progress
+        self.draw_frame, self.record = draw_frame, record
         self.inbox: queue.Queue = queue.Queue(maxsize=capacity)
         self.clock = _Clock()
         self.error: BaseException | None = None
         self.failed = threading.Event()
         self.user_stop = threading.Event()
         self.frames_written = 0
-        self.size: tuple[int, int] | None = None  # (width, height)
+        self.size: tuple[int, int] | None = None  # (width, height) of the source frames
+        self.output_size: tuple[int, int] | None = None  # (width, height) of the frames written
         self._video: Any = None
         self._json: Any = None
 
@@ -628,16 +664,20 @@ class _Writer(threading.Thread):
             if self.inbox.get() is _END:
                 return
 
-    def _write(self, index: int, timestamp: float, frame: np.ndarray, dets: Detections) -> None:
+    def _write(self, index: int, timestamp: float, frame: np.ndarray, result: Any) -> None:
         t = time.perf_counter()
+        image = self.draw_frame(frame, result) if self.draw else frame
+        size = (image.shape[1], image.shape[0])
         if self.size is None:
-            self.size = (frame.shape[1], frame.shape[0])
+            self.size, self.output_size = (frame.shape[1], frame.shape[0]), size
             self._open()
-        image = annotate(frame, dets, copy=False) if self.draw else frame  # the frame is ours alone: draw in place
+        elif size != self.output_size:
+            raise ValueError(f"frame {index} was drawn at {size[0]}x{size[1]}, the video is "
+                             f"{self.output_size[0]}x{self.output_size[1]}: every frame must be drawn at one size")
         if self._video is not None:
             _write_frame(self._video, image, index, self.video.finals[0])
         if self._json is not None:
-            self._json.write(_json_record(index, timestamp, dets) + "\n")
+            self._json.write(_frame_line(index, timestamp, self.record(result)) + "\n")
         self.frames_written += 1
         self.clock.add("draw+encode", t)
         if self.preview:
@@ -649,7 +689,7 @@ class _Writer(threading.Thread):
 
     def _open(self) -> None:
         if self.video is not None:
-            self._video = _open_video_writer(self.video.tmp, self.fps, self.size, self.video.finals[0])
+            self._video = _open_video_writer(self.video.tmp, self.fps, self.output_size, self.video.finals[0])
         if self.jsonl is not None:
             self._json = open(self.jsonl.tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed in _close
 
@@ -713,7 +753,80 @@ def run_video(runtime: Any, source: str | int | os.PathLike, *, output: str | os
     """
     _check_options(score_threshold, max_frames, max_detections, queue_size)
     batch = _effective_batch(runtime, batch)
-    capacity = _queue_capacity(queue_size, batch)
+
+    def batches(reader: _Reader, clock: _Clock) -> Iterator[tuple[_Batch, list[Any]]]:
+        return _infer_batches(runtime, reader, score_threshold, max_detections, clock)
+
+    describe = getattr(runtime, "describe", None)
+    return _run_source(source, output, json_path, preview, _Stages(
+        _detector_prepare(runtime), batches, _annotate_in_place, _detection_fields,
+        describe if callable(describe) else dict), batch=batch, max_frames=max_frames, draw=draw, progress=progress,
+        capacity=_queue_capacity(queue_size, batch))
+
+
+@dataclass(frozen=True)
+class FrameModel:
+    """Any per-frame model in the video pipeline (`run_frames`), one callable per stage, each called in its
+    stage's thread: `prepare(frames)` in the reader (default: nothing), `predict(frames, prepared)` -> one result
+    per frame in the caller, `draw(frame, result)` -> the output frame (any size, the same for every frame; it
+    may draw on `frame`, which is its alone) and `record(result)` -> the JSON line's fields (beside `frame` and
+    `timestamp`) in the writer. `describe()` goes into the summary's `runtime`."""
+
+    predict: Callable[[list[np.ndarray], Any], Sequence[Any]]
+    draw: Callable[[np.ndarray, Any], np.ndarray]
+    record: Callable[[Any], dict[str, Any]]
+    prepare: Callable[[list[np.ndarray]], Any] = lambda frames: None
+    describe: Callable[[], dict[str, Any]] = dict
+
+
+def run_frames(model: FrameModel, source: str | int | os.PathLike, *, output: str | os.PathLike | None = None,
+               json_path: str | os.PathLike | None = None, batch: int = 1, max_frames: int | None = None,
+               draw: bool = True, progress: bool = True, preview: bool = False, queue_size: int = 8
+               ) -> VideoSummary:
+    """`run_video` for a model that is not a DEIMv2 detector (EoMT segmentation, DINOv3 features: vit_video.py):
+    the same source opening, reader thread, writer (verified, published atomically, `<name>.partial.<ext>` kept
+    on failure, Ctrl-C or SIGTERM), progress bar and summary; `batch` frames per `model.predict` call."""
+    _check_options(0.0, max_frames, None, queue_size)
+    if not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+
+    def batches(reader: _Reader, clock: _Clock) -> Iterator[tuple[_Batch, Sequence[Any]]]:
+        try:
+            for item in _read_batches(reader):
+                t = time.perf_counter()
+                results = model.predict(item.frames, item.prepared)
+                clock.add("infer", t)
+                if len(results) != len(item.frames):
+                    raise ValueError(f"the model gave {len(results)} results for {len(item.frames)} frames (bug)")
+                yield item, results
+        finally:
+            reader.stop.set()
+            reader.join()
+
+    return _run_source(source, output, json_path, preview,
+                       _Stages(model.prepare, batches, model.draw, model.record, model.describe),
+                       batch=int(batch), max_frames=max_frames, draw=draw, progress=progress,
+                       capacity=_queue_capacity(queue_size, int(batch)))
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """What the pipeline runs in each thread (the detector's, or a FrameModel's)."""
+
+    prepare: Callable[[list[np.ndarray]], Any]  # reader
+    batches: Callable[[_Reader, _Clock], Iterator[tuple[_Batch, Sequence[Any]]]]  # caller: starts, stops the reader
+    draw: Callable[[np.ndarray, Any], np.ndarray]  # writer
+    record: Callable[[Any], dict[str, Any]]  # writer
+    describe: Callable[[], dict[str, Any]]
+
+
+def _detector_prepare(runtime: Any) -> Callable[[list[np.ndarray]], PreparedBatch]:
+    return lambda frames: runtime.prepare(frames, "bgr")
+
+
+def _run_source(source: str | int | os.PathLike, output: str | os.PathLike | None,
+                json_path: str | os.PathLike | None, preview: bool, stages: _Stages, **options: Any) -> VideoSummary:
+    """Check the output names, open the source and the outputs, run the pipeline."""
     out_path = Path(output) if output is not None else None
     jsonl_path = Path(json_path) if json_path is not None else None
     for p in (out_path, jsonl_path):
@@ -724,7 +837,7 @@ def run_video(runtime: Any, source: str | int | os.PathLike, *, output: str | os
     if preview:
         reason = preview_unavailable_reason()
         if reason:
-            warnings.warn(f"no preview window: {reason}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"no preview window: {reason}", RuntimeWarning, stacklevel=3)
             preview = False
 
     kind, target = _parse_source(source)
@@ -738,19 +851,18 @@ def run_video(runtime: Any, source: str | int | os.PathLike, *, output: str | os
         except BaseException:
             src.release()
             raise
-        return _run_pipeline(runtime, src, video_out, jsonl_out, score_threshold=score_threshold, batch=batch,
-                             max_frames=max_frames, draw=draw, progress=progress, preview=preview,
-                             capacity=capacity, max_detections=max_detections)
+        return _run_pipeline(stages, src, video_out, jsonl_out, preview=preview, **options)
 
 
-def _run_pipeline(runtime: Any, src: VideoSource, video_out: AtomicWrite | None, jsonl_out: AtomicWrite | None, *,
-                  score_threshold: float, batch: int, max_frames: int | None, draw: bool, progress: bool,
-                  preview: bool, capacity: int, max_detections: int | None) -> VideoSummary:
+def _run_pipeline(stages: _Stages, src: VideoSource, video_out: AtomicWrite | None, jsonl_out: AtomicWrite | None, *,
+                  batch: int, max_frames: int | None, draw: bool, progress: bool, preview: bool, capacity: int
+                  ) -> VideoSummary:
     expected = src.frame_count if max_frames is None else (min(src.frame_count, max_frames)
                                                            if src.frame_count else max_frames)
     bar = None
-    reader = _Reader(src, runtime, batch, max_frames, capacity)
-    writer = _Writer(video_out, jsonl_out, src.fps, draw, preview, None, capacity * batch)
+    reader = _Reader(src, stages.prepare, batch, max_frames, capacity)
+    writer = _Writer(video_out, jsonl_out, src.fps, draw, preview, None, capacity * batch, stages.draw,
+                     stages.record)
     infer_clock = _Clock()
     start = time.perf_counter()
     error: BaseException | None = None
@@ -762,10 +874,10 @@ def _run_pipeline(runtime: Any, src: VideoSource, video_out: AtomicWrite | None,
                        dynamic_ncols=True, smoothing=0.1)
             writer.progress = bar
         writer.start()
-        batches = _infer_batches(runtime, reader, score_threshold, max_detections, infer_clock)
+        batches = stages.batches(reader, infer_clock)
         try:
-            for item, dets in batches:
-                for record in zip(item.indices, item.timestamps, item.frames, dets, strict=True):
+            for item, results in batches:
+                for record in zip(item.indices, item.timestamps, item.frames, results, strict=True):
                     if not _put(writer.inbox, record, writer.failed):
                         raise writer.error  # type: ignore[misc]  # the writer failed: stop feeding it
                 if writer.user_stop.is_set():
@@ -800,15 +912,15 @@ def _run_pipeline(runtime: Any, src: VideoSource, video_out: AtomicWrite | None,
     final_json = jsonl_out.finals[0] if jsonl_out is not None else None
     if not writer.frames_written:
         final_video = final_json = None
-    stages = {**reader.clock.seconds}
-    stages["infer"] = infer_clock.seconds["infer"]
-    stages["draw+encode"] = writer.clock.seconds["draw+encode"]
+    seconds = {**reader.clock.seconds}
+    seconds["infer"] = infer_clock.seconds["infer"]
+    seconds["draw+encode"] = writer.clock.seconds["draw+encode"]
     width, height = writer.size or (0, 0)
-    describe = getattr(runtime, "describe", None)
     return VideoSummary(
         source=src.name, frames=writer.frames_written, width=width, height=height, fps=src.fps,
         fps_reported=src.fps_reported, wall_s=wall,
-        batch=batch, stage_s=stages, output=str(final_video) if final_video else None,
+        batch=batch, stage_s=seconds, output=str(final_video) if final_video else None,
         json_path=str(final_json) if final_json else None, expected_frames=expected,
-        stopped_early=stopped, runtime=describe() if callable(describe) else {},
+        stopped_early=stopped, runtime=stages.describe(),
+        output_size=list(writer.output_size) if final_video and writer.output_size != writer.size else None,
     )

@@ -106,7 +106,7 @@ def test_bad_inputs_are_one_line(artifacts, tmp_path, capsys):
     err = _one_line(capsys, [str(artifacts["dino"]), image, "--task", "semantic", *out])
     assert "--task is for EoMT segmentation artifacts" in err
     err = _one_line(capsys, [str(artifacts["eomt"]), str(tmp_path / "clip.mp4"), *out])
-    assert "take images and folders for now, not videos" in err
+    assert "video not found" in err  # videos go through the video pipeline (tests/test_infer_vit_video.py)
     assert not (tmp_path / "x").exists()
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")

@@ -1,5 +1,5 @@
 """deimv2-infer ARTIFACT INPUT...: detections on images, folders and videos (any backend); EoMT-DINOv3 segmentation
-and DINOv3 features on images and folders (cli/infer_vit.py).
+and DINOv3 features on images, folders and videos (cli/infer_vit.py).
 
 Options go anywhere on the line (`deimv2-infer model.onnx --score 0.5 photo.jpg`). Images: one annotated image
 (and with --json one `<name>.json`) per input in --output-dir, each under a name no other input shares; `--json
@@ -117,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             from deimv2_deploy.video import video_runtime_options
 
             vit = read_vit_spec(args.artifact) if Path(args.artifact).suffix.lower() in (".onnx", ".xml") else None
-            if vit is not None:
-                raise ValueError(f"{vit.family} artifacts take images and folders for now, not videos or cameras: "
-                                 "extract frames first (e.g. ffmpeg -i clip.mp4 frames/%05d.jpg)")
-
-            options.update(video_runtime_options(args.artifact, args.backend))
+            tuned = video_runtime_options(args.artifact, args.backend)
+            if vit is not None:  # ViT runtimes take threads and spinning only (OpenVINO: its default mode)
+                tuned = {k: v for k, v in tuned.items() if k == "spinning"}
+            options.update(tuned)
         t0 = time.perf_counter()
         runtime = load_runtime(args.artifact, backend=args.backend, device=args.device, variant=args.variant,
                                precision=args.precision, **options)
@@ -132,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"loaded {args.artifact} on {runtime.backend}/cpu in {time.perf_counter() - t0:.2f} s: "
                   f"{runtime.spec.describe()}", file=sys.stderr)
+            if video:
+                from deimv2_deploy.cli.infer_vit import run_vit_video_cli
+
+                return run_vit_video_cli(args, runtime)
             return run_vit_images(args, runtime)
         if args.task or args.stuff_classes is not None:
             raise ValueError(f"--task and --stuff-classes are for EoMT segmentation artifacts; {args.artifact} is a "

@@ -9,8 +9,15 @@ dinov3`). Per image, under the same collision-free name the detector path uses (
   indices (8-bit, 16-bit past 255 classes);
 - DINOv3: `<name>.jpg`, the image beside the PCA colouring of its patch embeddings, and `<name>.npz` with `cls`,
   `registers`, `patches` (rows, cols, D) and `pooled`.
-Every file is written atomically (deimv2_deploy.files). Videos are not taken yet (the video pipeline is built around
-detections); options that only a detector understands are refused in one line.
+Every file is written atomically (deimv2_deploy.files). Options that only a detector understands are refused in one
+line.
+
+A video file, camera index or stream URL goes through `run_vit_video_cli(args, runtime)`: the detector's video
+pipeline (deimv2_deploy.vit_video), with deimv2-infer's video conventions (cli/video_cli.py: `<output-dir>/<name>.mp4`
+or --output, `--json` for `<name>.jsonl` or --json PATH, --max-frames, --batch, the summary table, exit status 1 on
+an error with `<name>.partial.<ext>` kept, 130 on Ctrl-C). EoMT: the overlays side by side per frame and one JSON
+line per frame (the record above, the semantic map as one RLE mask per class); DINOv3: the frame beside its PCA
+colours and one line per frame with `cls`, `pooled`, `registers` (base64 float32; not the patch grid).
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from deimv2_deploy.files import write_bytes, write_text
 from deimv2_deploy.media import write_image
 from deimv2_deploy.vit_records import rle_encode, segmentation_record
 
-__all__ = ["run_vit_images", "check_vit_options", "parse_tasks", "rle_encode", "segmentation_record"]
+__all__ = ["run_vit_images", "run_vit_video_cli", "check_vit_options", "parse_tasks", "rle_encode",
+           "segmentation_record"]
 
 
 def parse_tasks(values: list[str] | None, spec: Any) -> tuple[str, ...]:
@@ -39,12 +47,13 @@ def parse_tasks(values: list[str] | None, spec: Any) -> tuple[str, ...]:
     return parse_eomt_tasks(values, spec, option="--task")
 
 
-def check_vit_options(args: argparse.Namespace, runtime: Any) -> None:
-    """One line for an option this artifact cannot use (detector-only, or EoMT-only on a DINOv3 artifact)."""
+def check_vit_options(args: argparse.Namespace, runtime: Any, video: bool = False) -> None:
+    """One line for an option this artifact cannot use (detector-only, or EoMT-only on a DINOv3 artifact).
+    `video`: the input is a video (then --json PATH names the JSON lines file, as for detectors)."""
     family = runtime.spec.family
     detector_only = [("--letterbox", bool(getattr(args, "letterbox", False))),
                      ("--precision", getattr(args, "precision", None) not in (None, "fp32")),
-                     ("--json PATH", isinstance(getattr(args, "json", None), str))]
+                     ("--json PATH", not video and isinstance(getattr(args, "json", None), str))]
     for flag, given in detector_only:
         if given:
             raise ValueError(f"{flag} is for DEIMv2 detector artifacts; {runtime.path.name} is a {family} artifact "
@@ -129,3 +138,22 @@ def run_vit_images(args: argparse.Namespace, runtime: Any) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def run_vit_video_cli(args: argparse.Namespace, runtime: Any) -> int:
+    """Run an EoMT or DINOv3 runtime on a video file, camera or stream (see the module docstring)."""
+    from deimv2_deploy.cli.video_cli import pipeline_options, preview_wanted, report, video_outputs
+    from deimv2_deploy.vit_video import run_vit_video
+
+    check_vit_options(args, runtime, video=True)
+    source, video_out, jsonl, draw = video_outputs(args)
+    eomt = runtime.spec.family == "eomt"
+    options: dict[str, Any] = {}
+    if eomt:
+        options = {"tasks": parse_tasks(getattr(args, "task", None), runtime.spec), "score_threshold": args.score,
+                   "max_instances": getattr(args, "max_detections", None),
+                   "stuff_classes": getattr(args, "stuff_classes", None)}
+    # errors carry a note saying where the partial output was kept; run_cli prints it with the error
+    summary = run_vit_video(runtime, int(source) if source.isdigit() else source, output=video_out, json_path=jsonl,
+                            draw=draw, preview=preview_wanted(args), **options, **pipeline_options(args))
+    return report(summary, args)

@@ -16,7 +16,8 @@ from typing import Any
 from deimv2_deploy.files import write_text
 from deimv2_deploy.media import VIDEO_EXTENSIONS
 
-__all__ = ["add_video_arguments", "run_video", "looks_like_video", "default_outputs"]
+__all__ = ["add_video_arguments", "run_video", "looks_like_video", "default_outputs", "video_outputs",
+           "preview_wanted", "pipeline_options", "report"]
 
 _STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://", "srt://")
 
@@ -94,10 +95,8 @@ def default_outputs(source: str, output_dir: str | Path, json_flag: Any, draw: b
     return video, jsonl
 
 
-def run_video(args: argparse.Namespace, runtime: Any = None) -> int:
-    """Run the pipeline as the parsed arguments say; prints the summary table. Returns the exit status."""
-    from deimv2_deploy.video import run_video as run_pipeline
-
+def video_outputs(args: argparse.Namespace) -> tuple[str, Path | None, Path | None, bool]:
+    """(source, video path or None, JSON lines path or None, draw) from the parsed arguments, checked."""
     source = _source_of(args)
     draw = not getattr(args, "no_draw", False)
     video_out, jsonl = default_outputs(source, getattr(args, "output_dir", None) or "out", getattr(args, "json", None),
@@ -109,29 +108,30 @@ def run_video(args: argparse.Namespace, runtime: Any = None) -> int:
     if video_out is not None and not source.isdigit() and "://" not in source:
         if video_out.resolve() == Path(source).resolve():
             raise ValueError(f"the output {video_out} would overwrite the input video: pass --output elsewhere")
-    if runtime is None:
-        from deimv2_deploy.runtimes import load_runtime
+    return source, video_out, jsonl, draw
 
-        options = {"threads": args.threads} if getattr(args, "threads", None) else {}
-        runtime = load_runtime(args.artifact, backend=getattr(args, "backend", None),
-                               device=getattr(args, "device", "cpu"), variant=getattr(args, "variant", None),
-                               **options)
-    score = getattr(args, "score", None)
-    preview = bool(getattr(args, "preview", False))
-    if preview:
-        from deimv2_deploy.video import preview_unavailable_reason
 
-        reason = preview_unavailable_reason()
-        if reason:
-            print(f"no preview window: {reason}", file=sys.stderr)
-            preview = False
-    # errors carry a note saying where the partial output was kept; run_cli prints it with the error
-    summary = run_pipeline(
-        runtime, int(source) if source.isdigit() else source, output=video_out, json_path=jsonl,
-        score_threshold=0.4 if score is None else float(score), batch=getattr(args, "batch", 1),
-        max_frames=getattr(args, "max_frames", None), draw=draw,
-        progress=not getattr(args, "no_progress", False), preview=preview,
-        queue_size=getattr(args, "queue_size", 8), max_detections=getattr(args, "max_detections", None))
+def preview_wanted(args: argparse.Namespace) -> bool:
+    """--preview, unless no window can be shown here (then a line on stderr says why)."""
+    if not getattr(args, "preview", False):
+        return False
+    from deimv2_deploy.video import preview_unavailable_reason
+
+    reason = preview_unavailable_reason()
+    if reason:
+        print(f"no preview window: {reason}", file=sys.stderr)
+        return False
+    return True
+
+
+def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline options every model kind shares: batch, max_frames, progress, queue_size."""
+    return {"batch": getattr(args, "batch", 1), "max_frames": getattr(args, "max_frames", None),
+            "progress": not getattr(args, "no_progress", False), "queue_size": getattr(args, "queue_size", 8)}
+
+
+def report(summary: Any, args: argparse.Namespace) -> int:
+    """Print the summary table (and --summary-json); the exit status of a finished run."""
     print(summary.table())
     target = getattr(args, "summary_json", None)
     if target == "-":
@@ -140,3 +140,24 @@ def run_video(args: argparse.Namespace, runtime: Any = None) -> int:
         write_text(target, json.dumps(summary.to_dict(), indent=2) + "\n")
         print(f"summary written to {target}", file=sys.stderr)
     return 0
+
+
+def run_video(args: argparse.Namespace, runtime: Any = None) -> int:
+    """Run the pipeline as the parsed arguments say; prints the summary table. Returns the exit status."""
+    from deimv2_deploy.video import run_video as run_pipeline
+
+    source, video_out, jsonl, draw = video_outputs(args)
+    if runtime is None:
+        from deimv2_deploy.runtimes import load_runtime
+
+        options = {"threads": args.threads} if getattr(args, "threads", None) else {}
+        runtime = load_runtime(args.artifact, backend=getattr(args, "backend", None),
+                               device=getattr(args, "device", "cpu"), variant=getattr(args, "variant", None),
+                               **options)
+    score = getattr(args, "score", None)
+    # errors carry a note saying where the partial output was kept; run_cli prints it with the error
+    summary = run_pipeline(
+        runtime, int(source) if source.isdigit() else source, output=video_out, json_path=jsonl,
+        score_threshold=0.4 if score is None else float(score), draw=draw, preview=preview_wanted(args),
+        max_detections=getattr(args, "max_detections", None), **pipeline_options(args))
+    return report(summary, args)
