@@ -11,9 +11,10 @@ deimv2-data synth --output "$DATA/synth_a" --train 8000 --val 500 --seed 1
 deimv2-data synth --output "$DATA/synth_holdout" --val 500 --seed 7
 
 # 2. training: the DEIM recipe of atto, scaled to 16 epochs, batch 16, EMA validated every epoch on 250 images.
-#    The reference run was stopped with SIGTERM after 7 of its 16 epochs (README.md here; its log.jsonl is here)
-#    because of the machine time available; resume it with: deimv2-train --resume "$HERE/last.pth" (add --images,
-#    --annotations, --val-images, --val-annotations and --output-dir where the data and output are on your machine)
+#    The reference run was stopped with SIGTERM after epoch 7, resumed from the committed last.pth for epochs 8-11
+#    and stopped again early in epoch 12 (README.md here; log.jsonl here is both sessions' log), for machine time;
+#    continue it with: deimv2-train --resume "$HERE/last.pth" (add --images, --annotations, --val-images,
+#    --val-annotations and --output-dir where the data and output are on your machine)
 deimv2-train atto \
   --images "$DATA/synth_a/train" --annotations "$DATA/synth_a/annotations/instances_train.json" \
   --val-images "$DATA/synth_a/val" --val-annotations "$DATA/synth_a/annotations/instances_val.json" \
