@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers (pinned 5.24)")
 
-from faster_coco_eval.core import mask as mask_api  # noqa: E402
 from vit_helpers import TINY_NAMES, tiny_vit_artifacts  # noqa: E402
 
 from deimv2_deploy.cli.infer import main as infer_main  # noqa: E402
 from deimv2_deploy.runtimes import load_runtime  # noqa: E402
+from deimv2_deploy.vit_records import rle_decode  # noqa: E402
 
 NAMES = TINY_NAMES
 
@@ -29,10 +29,6 @@ def artifacts(tmp_path_factory):
         rng = np.random.default_rng(len(folder) + ord(folder))
         cv2.imwrite(str(images / folder / "photo.png"), rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
     return {**made, "images": images}
-
-
-def _decode(rle):
-    return mask_api.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
 def test_eomt_images_write_overlays_json_rle_and_semantic_png(artifacts, tmp_path, capsys):
@@ -55,13 +51,13 @@ def test_eomt_images_write_overlays_json_rle_and_semantic_png(artifacts, tmp_pat
     kept = want.instances.filter(0.2)
     assert len(record["instances"]) == len(kept) >= 1
     for row, mask, score, label in zip(record["instances"], kept.masks, kept.scores, kept.labels, strict=True):
-        np.testing.assert_array_equal(_decode(row["segmentation"]), mask)
+        np.testing.assert_array_equal(rle_decode(row["segmentation"]), mask)
         assert row["label"] == label and row["class_name"] == NAMES[int(label)] and row["score"] >= 0.2
         assert abs(row["score"] - score) < 1e-6 and row["area"] == mask.sum()
     segments = record["panoptic"]["segments"]
     assert len(segments) == len(want.panoptic) >= 1 and record["panoptic"]["stuff_classes"] == [2, 3]
     for row in segments:
-        np.testing.assert_array_equal(_decode(row["segmentation"]), want.panoptic.mask(row["id"]))
+        np.testing.assert_array_equal(rle_decode(row["segmentation"]), want.panoptic.mask(row["id"]))
         assert row["is_thing"] == (row["label"] not in (2, 3))
     assert "a_photo_png.json" in capsys.readouterr().out
 

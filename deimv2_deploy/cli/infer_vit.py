@@ -33,10 +33,9 @@ import numpy as np
 
 from deimv2_deploy.files import write_bytes, write_text
 from deimv2_deploy.media import write_image
-from deimv2_deploy.vit_records import rle_encode, segmentation_record
+from deimv2_deploy.vit_records import segmentation_record
 
-__all__ = ["run_vit_images", "run_vit_video_cli", "check_vit_options", "parse_tasks", "rle_encode",
-           "segmentation_record"]
+__all__ = ["run_vit_images", "run_vit_video_cli", "check_vit_options", "parse_tasks"]
 
 
 def parse_tasks(values: list[str] | None, spec: Any) -> tuple[str, ...]:

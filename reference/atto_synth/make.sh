@@ -14,7 +14,11 @@ deimv2-data synth --output "$DATA/synth_holdout" --val 500 --seed 7
 #    The reference run was stopped with SIGTERM after epoch 7, resumed from the committed last.pth for epochs 8-11
 #    and stopped again early in epoch 12 (README.md here; log.jsonl here is both sessions' log), for machine time;
 #    continue it with: deimv2-train --resume "$HERE/last.pth" (add --images, --annotations, --val-images,
-#    --val-annotations and --output-dir where the data and output are on your machine)
+#    --val-annotations and --output-dir where the data and output are on your machine). The second session ran,
+#    from the repository root (last.pth here is what its SIGTERM saved, log.jsonl the first log + this run's log):
+#      deimv2-train --resume reference/atto_synth/last.pth --images "$DATA/synth_a/train" \
+#        --annotations "$DATA/synth_a/annotations/instances_train.json" --val-images "$DATA/synth_a/val" \
+#        --val-annotations "$DATA/synth_a/annotations/instances_val.json" --output-dir "$RUN" --threads 2 --workers 1
 deimv2-train atto \
   --images "$DATA/synth_a/train" --annotations "$DATA/synth_a/annotations/instances_train.json" \
   --val-images "$DATA/synth_a/val" --val-annotations "$DATA/synth_a/annotations/instances_val.json" \
