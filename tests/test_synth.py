@@ -86,7 +86,7 @@ def test_deterministic_and_independent_of_the_count(tmp_path):
     write_dataset(tmp_path / "d", {"val": 3}, image_size=128, seed=4)
     a, b, c, d = (_tree_digest(tmp_path / x) for x in "abcd")
     assert a == b  # byte-identical, whatever the number of workers
-    assert all(a[k] == v for k, v in c.items() if k.endswith(".jpg")) and len(c) == 4
+    assert all(a[k] == v for k, v in c.items() if k.endswith(".jpg")) and len(c) == 3 * 2 + 2  # + PNGs, 2 JSONs
     assert all(d[k] != v for k, v in c.items() if k.endswith(".jpg"))  # another seed, other images
     ja, jc = (json.loads((tmp_path / x / "annotations" / "instances_val.json").read_text()) for x in "ac")
     assert ja["images"][:3] == jc["images"]
@@ -134,7 +134,8 @@ def test_cli_synth_val_only_and_refuses_to_overwrite(tmp_path, capsys):
     assert data_main(["synth", "--output", str(out), "--train", "0", "--val", "2", "--image-size", "96",
                       "--workers", "1", "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["annotations", "val"]
-    assert [p.name for p in (out / "annotations").iterdir()] == ["instances_val.json"]
+    assert sorted(p.name for p in (out / "annotations").iterdir()) == ["instances_val.json", "panoptic_val",
+                                                                       "panoptic_val.json"]
     assert "val: 2 images" in capsys.readouterr().out
     before = _tree_digest(out)
     assert data_main(["synth", "--output", str(out), "--val", "2", "--image-size", "96", "--seed", "9",

@@ -14,13 +14,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deimv2-data", description="COCO-format detection datasets: generate a synthetic one, or check one.",
         epilog="Examples:\n  deimv2-data synth --output data/shapes --train 20000 --val 500 --seed 0\n"
                "  deimv2-data synth --output data/shapes_val --train 0 --val 1000 --seed 1\n"
+               "  deimv2-data synth --output data/shapes_val --panoptic-only   # panoptic files for an existing one\n"
                "  deimv2-data check data/shapes --split val\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="generate the synthetic shapes dataset (COCO layout)",
                        description="Write DIR/annotations/instances_<split>.json and DIR/<split>/*.jpg: 8 shape "
                                    "classes on textured backgrounds with clutter, exact boxes; the same seed gives "
-                                   "byte-identical files.")
+                                   "byte-identical files. Also the panoptic ground truth in the COCO panoptic layout "
+                                   "(DIR/annotations/panoptic_<split>.json and panoptic_<split>/*.png: the 8 shapes "
+                                   "as things, 'background' as stuff) unless --no-panoptic.")
     s.add_argument("--output", required=True, help="dataset folder")
     s.add_argument("--train", type=int, default=0, metavar="N", help="training images (default 0: no train split)")
     s.add_argument("--val", type=int, default=0, metavar="M", help="validation images (default 0)")
@@ -30,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes rendering images (default: the CPU count, at most 8); the output does not "
                         "depend on it")
     s.add_argument("--overwrite", action="store_true", help="replace splits that already exist in --output")
+    s.add_argument("--no-panoptic", action="store_true", help="write images and instances files only")
+    s.add_argument("--panoptic-only", action="store_true",
+                   help="add the panoptic files to the synthetic dataset already in --output (seed, split and size "
+                        "from its instances files; images and instances files untouched)")
+    s.add_argument("--split", action="append", choices=("train", "val"),
+                   help="with --panoptic-only: the split to do (repeatable; default: every split in --output)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("check", help="read and check a COCO-format dataset, and say what training would change",
                        description="Reads the annotation file, checks every listed image exists, and prints what "
@@ -41,11 +50,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _workers(args: argparse.Namespace) -> int:
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    return workers
+
+
+def _panoptic_only(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from deimv2_deploy.data.synth import add_panoptic
+
+    given = [flag for flag, on in (("--train", args.train), ("--val", args.val), ("--no-panoptic", args.no_panoptic),
+                                   ("--image-size", args.image_size != 320), ("--seed", args.seed != 0)) if on]
+    if given:
+        raise ValueError(f"--panoptic-only takes the images, seed and size from the dataset in --output: leave out "
+                         f"{', '.join(given)} (choose splits with --split)")
+    workers = _workers(args)
+    bars: list = []
+
+    def start(split: str, images: int) -> None:
+        if bars:
+            bars.pop().close()
+        bars.append(tqdm(total=images, desc=f"panoptic {split}", unit="img", disable=args.quiet, file=sys.stderr,
+                         dynamic_ncols=True))
+
+    t0 = time.perf_counter()
+    try:
+        written = add_panoptic(args.output, args.split, workers=workers, overwrite=args.overwrite,
+                               progress=lambda n: bars[-1].update(n), on_split=start)
+    finally:
+        for bar in bars:
+            bar.close()
+    import json
+
+    for split, path in written.items():
+        data = json.loads(path.read_text())
+        segments = sum(len(a["segments_info"]) for a in data["annotations"])
+        print(f"{split}: {len(data['images'])} panoptic PNGs, {segments} segments -> {path.with_suffix('')}/, {path}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from deimv2_deploy.data.synth import write_dataset
 
+    if args.panoptic_only:
+        return _panoptic_only(args)
+    if args.split:
+        raise ValueError("--split chooses the splits of --panoptic-only; to generate splits give --train N / --val M")
     if args.train < 0 or args.val < 0:
         raise ValueError(f"--train and --val must be >= 0, got {args.train} and {args.val}")
     if args.train == 0 and args.val == 0:
@@ -54,22 +110,22 @@ def _synth(args: argparse.Namespace) -> int:
         raise ValueError(f"--image-size must be >= 64, got {args.image_size}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+    workers = _workers(args)
     total = args.train + args.val
     t0 = time.perf_counter()
     with tqdm(total=total, desc="generating", unit="img", disable=args.quiet, file=sys.stderr,
               dynamic_ncols=True) as bar:
         written = write_dataset(args.output, {"train": args.train, "val": args.val}, image_size=args.image_size,
-                                seed=args.seed, workers=workers, overwrite=args.overwrite, progress=bar.update)
+                                seed=args.seed, workers=workers, overwrite=args.overwrite, progress=bar.update,
+                                panoptic=not args.no_panoptic)
     seconds = time.perf_counter() - t0
     import json
 
     for split, ann in written.items():
         data = json.loads(ann.read_text())
+        panoptic = "" if args.no_panoptic else f" (+ {ann.parent / f'panoptic_{split}.json'} and PNGs)"
         print(f"{split}: {len(data['images'])} images, {len(data['annotations'])} objects -> "
-              f"{ann.parent.parent / split}/, {ann}")
+              f"{ann.parent.parent / split}/, {ann}{panoptic}")
     print(f"generated {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} images/s, "
           f"{workers} worker{'s' if workers > 1 else ''})")
     return 0

@@ -15,14 +15,24 @@ depends only on (seed, split, i): the same seed gives byte-identical files howev
 Layout written by `write_dataset` (the COCO layout `resolve_dataset` reads):
     DIR/annotations/instances_<split>.json
     DIR/<split>/000000000001.jpg ...
+and its panoptic ground truth, in the COCO panoptic layout (`data.panoptic.resolve_panoptic_dataset` reads it):
+    DIR/annotations/panoptic_<split>.json
+    DIR/annotations/panoptic_<split>/000000000001.png ...
+Panoptic categories: the 8 shapes (ids 1..8, things) and one stuff category, "background" (id 9), that covers every
+pixel no object owns (background and clutter); nothing is void. Segment ids per image: object i (drawing order, as
+in the instances file) is i + 1, background is n + 1; a segment's bbox is the tight box of its visible pixels (the
+panoptic convention; the instances file keeps amodal boxes). The instances file and images do not depend on
+whether the panoptic files are written; `add_panoptic` writes them for a dataset that lacks them, from the seed,
+split and image size its instances file records.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +40,20 @@ from typing import Any
 import cv2
 import numpy as np
 
+from deimv2_deploy.data.panoptic import encode_panoptic_png
 from deimv2_deploy.media import atomic_path
 
-__all__ = ["SYNTH_CLASSES", "SYNTH_CATEGORY_IDS", "SPLITS", "GENERATOR_VERSION", "SynthObject", "SynthScene",
-           "render_scene", "coco_annotations", "write_dataset"]
+__all__ = ["SYNTH_CLASSES", "SYNTH_CATEGORY_IDS", "SPLITS", "GENERATOR_VERSION", "BACKGROUND_CATEGORY_ID",
+           "BACKGROUND_NAME", "SynthObject", "SynthScene", "render_scene", "coco_annotations", "panoptic_segments",
+           "panoptic_annotations", "write_dataset", "add_panoptic"]
 
 GENERATOR_VERSION = 1  # bump when a change alters the images or annotations a seed produces
 SYNTH_CLASSES: tuple[str, ...] = ("circle", "triangle", "rectangle", "star", "cross", "ring", "crescent", "arrow")
 SYNTH_CATEGORY_IDS: tuple[int, ...] = tuple(range(1, len(SYNTH_CLASSES) + 1))
 SPLITS = ("train", "val")  # index in this tuple is part of every image's seed
+BACKGROUND_CATEGORY_ID = len(SYNTH_CLASSES) + 1  # panoptic only: the stuff category of every pixel no object owns
+BACKGROUND_NAME = "background"
+_DESCRIPTION = "deimv2-deploy synthetic shapes"
 
 MAX_OBJECTS = 12
 MIN_VISIBLE = 0.7  # an object keeps at least this fraction of its pixels visible
@@ -439,7 +454,7 @@ def coco_annotations(scenes: Sequence[tuple[int, Sequence[SynthObject]]], image_
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": obj.category_id,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": obj.area, "iscrowd": 0})
     return {
-        "info": {"description": "deimv2-deploy synthetic shapes", "generator_version": GENERATOR_VERSION,
+        "info": {"description": _DESCRIPTION, "generator_version": GENERATOR_VERSION,
                  "seed": seed, "split": split, "image_size": image_size},
         "licenses": [],
         "categories": [{"id": cid, "name": name, "supercategory": "shape"}
@@ -449,24 +464,93 @@ def coco_annotations(scenes: Sequence[tuple[int, Sequence[SynthObject]]], image_
     }
 
 
-def _render_encoded(job: tuple[int, str, int, int]) -> tuple[int, bytes, tuple[SynthObject, ...]]:
-    """One image as JPEG bytes and its objects (run in worker processes)."""
-    seed, split, index, size = job
+def panoptic_segments(scene: SynthScene) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(int32 (S, S) segment ids, segments_info) of a scene: object i -> id i + 1, every pixel no object owns ->
+    one "background" stuff segment, id n + 1 (left out when it has no pixel). bbox: the segment's visible pixels."""
+    n = len(scene.objects)
+    ids = np.where(scene.owner >= 0, scene.owner.astype(np.int32) + 1, np.int32(n + 1)).astype(np.int32)
+    areas = np.bincount(ids.reshape(-1), minlength=n + 2)
+    segments = []
+    for sid in range(1, n + 2):
+        if areas[sid] == 0:
+            continue
+        x0, y0, x1, y1 = _tight_box(ids == sid)  # type: ignore[misc]
+        category = scene.objects[sid - 1].category_id if sid <= n else BACKGROUND_CATEGORY_ID
+        segments.append({"id": sid, "category_id": category, "area": int(areas[sid]),
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+    return ids, segments
+
+
+def panoptic_annotations(scenes: Sequence[tuple[int, Sequence[dict[str, Any]]]], image_size: int, seed: int,
+                         split: str) -> dict[str, Any]:
+    """The COCO panoptic JSON of (image index, its segments_info) pairs; image id = index + 1, PNG <stem>.png."""
+    images, annotations = [], []
+    for index, segments in scenes:
+        name = _file_name(index)
+        images.append({"id": index + 1, "file_name": name, "width": image_size, "height": image_size})
+        annotations.append({"image_id": index + 1, "file_name": name[:-4] + ".png", "segments_info": list(segments)})
+    categories = [{"id": cid, "name": name, "supercategory": "shape", "isthing": 1}
+                  for cid, name in zip(SYNTH_CATEGORY_IDS, SYNTH_CLASSES, strict=True)]
+    categories.append({"id": BACKGROUND_CATEGORY_ID, "name": BACKGROUND_NAME, "supercategory": "background",
+                       "isthing": 0})
+    return {"info": {"description": _DESCRIPTION, "generator_version": GENERATOR_VERSION, "seed": seed,
+                     "split": split, "image_size": image_size},
+            "licenses": [], "categories": categories, "images": images, "annotations": annotations}
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    index: int
+    jpeg: bytes | None
+    objects: tuple[SynthObject, ...]
+    png: bytes | None
+    segments: list[dict[str, Any]]
+
+
+def _render_encoded(job: tuple[int, str, int, int, bool, bool]) -> _Rendered:
+    """One image as JPEG bytes (if asked), its objects and (if asked) its panoptic PNG and segments (run in worker
+    processes)."""
+    seed, split, index, size, jpeg, panoptic = job
     scene = render_scene(seed, split, index, size)
-    ok, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise RuntimeError("OpenCV could not encode a JPEG")
-    return index, buf.tobytes(), scene.objects
+    data = None
+    if jpeg:
+        ok, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise RuntimeError("OpenCV could not encode a JPEG")
+        data = buf.tobytes()
+    png, segments = None, []
+    if panoptic:
+        ids, segments = panoptic_segments(scene)
+        png = encode_panoptic_png(ids)
+    return _Rendered(index, data, scene.objects, png, segments)
+
+
+@contextlib.contextmanager
+def _rendered(jobs: list[tuple[int, str, int, int, bool, bool]], workers: int) -> Iterator[Iterator[_Rendered]]:
+    """The jobs' results in job order, rendered in `workers` processes."""
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            yield pool.map(_render_encoded, jobs, chunksize=16)
+    else:
+        yield map(_render_encoded, jobs)
+
+
+def _panoptic_paths(out: Path, split: str) -> tuple[Path, Path]:
+    return out / "annotations" / f"panoptic_{split}.json", out / "annotations" / f"panoptic_{split}"
 
 
 def write_dataset(output: str | os.PathLike, counts: dict[str, int], image_size: int = 320, seed: int = 0,
-                  workers: int = 1, overwrite: bool = False,
-                  progress: Callable[[int], None] | None = None) -> dict[str, Path]:
-    """Write the splits in `counts` ({"train": N, "val": M}; 0 skips a split) under `output`.
+                  workers: int = 1, overwrite: bool = False, progress: Callable[[int], None] | None = None,
+                  panoptic: bool = True) -> dict[str, Path]:
+    """Write the splits in `counts` ({"train": N, "val": M}; 0 skips a split) under `output`, with their panoptic
+    ground truth unless `panoptic` is False.
 
-    Each split is rendered into a hidden staging folder, which is renamed into place when complete; the
-    annotation file is written last, under a temporary name then renamed, so an interrupted run leaves no
-    half-written split behind. Returns {split: annotation file}. `progress(n)` is called as images finish.
+    Each split is rendered into hidden staging folders, which are renamed into place when complete; the
+    annotation files are written last (the instances file after the panoptic one), under temporary names then
+    renamed, so an interrupted run leaves no half-written split behind. Returns {split: instances file}.
+    `progress(n)` is called as images finish.
     """
     out = Path(output)
     for split, n in counts.items():
@@ -480,50 +564,149 @@ def write_dataset(output: str | os.PathLike, counts: dict[str, int], image_size:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; pass a folder for the dataset")
     if not overwrite:
-        existing = [p for s in todo for p in (out / s, out / "annotations" / f"instances_{s}.json") if p.exists()]
+        existing = [p for s in todo for p in (out / s, out / "annotations" / f"instances_{s}.json",
+                                              *_panoptic_paths(out, s)) if p.exists()]
         if existing:
             raise FileExistsError(f"{', '.join(map(str, existing))} already exist; pass --overwrite to replace them, "
                                   "or choose another --output")
     written = {}
     for split, n in todo.items():
-        written[split] = _write_split(out, split, n, image_size, seed, workers, progress)
+        written[split] = _write_split(out, split, n, image_size, seed, workers, progress, panoptic)
     return written
 
 
-def _write_split(out: Path, split: str, n: int, size: int, seed: int, workers: int,
-                 progress: Callable[[int], None] | None) -> Path:
-    staging = out / f".{split}.partial"
+def _staging(path: Path) -> Path:
+    staging = path.parent / f".{path.name}.partial"
     if staging.exists():
         shutil.rmtree(staging)  # left by an interrupted run
     staging.mkdir(parents=True)
-    jobs = [(seed, split, i, size) for i in range(n)]
+    return staging
+
+
+def _publish_folder(staging: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def _write_split(out: Path, split: str, n: int, size: int, seed: int, workers: int,
+                 progress: Callable[[int], None] | None, panoptic: bool) -> Path:
+    staging = _staging(out / split)
+    pan_json, pan_dir = _panoptic_paths(out, split)
+    pan_staging = _staging(pan_dir) if panoptic else None
+    jobs = [(seed, split, i, size, True, panoptic) for i in range(n)]
     scenes: list[tuple[int, tuple[SynthObject, ...]]] = []
-
-    def consume(results: Any) -> None:
-        for index, data, objects in results:
-            (staging / _file_name(index)).write_bytes(data)  # the staging folder is the temporary name
-            scenes.append((index, objects))
-            if progress is not None:
-                progress(1)
-
+    segments: list[tuple[int, list[dict[str, Any]]]] = []
     try:
-        if workers > 1 and n > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                consume(pool.map(_render_encoded, jobs, chunksize=16))
-        else:
-            consume(map(_render_encoded, jobs))
+        with _rendered(jobs, workers) as results:
+            for r in results:
+                (staging / _file_name(r.index)).write_bytes(r.jpeg)  # the staging folder is the temporary name
+                scenes.append((r.index, r.objects))
+                if pan_staging is not None:
+                    (pan_staging / (_file_name(r.index)[:-4] + ".png")).write_bytes(r.png)
+                    segments.append((r.index, r.segments))
+                if progress is not None:
+                    progress(1)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if pan_staging is not None:
+            shutil.rmtree(pan_staging, ignore_errors=True)
         raise
     coco = coco_annotations(scenes, size, seed, split)
-    final_dir = out / split
     ann = out / "annotations" / f"instances_{split}.json"
     ann.unlink(missing_ok=True)  # no annotation file may point at a folder in flux
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(staging, final_dir)
+    pan_json.unlink(missing_ok=True)
+    _publish_folder(staging, out / split)
+    if pan_staging is not None:
+        _publish_folder(pan_staging, pan_dir)
+        with atomic_path(pan_json) as tmp:
+            tmp.write_text(json.dumps(panoptic_annotations(segments, size, seed, split), separators=(",", ":")))
     with atomic_path(ann) as tmp:
         tmp.write_text(json.dumps(coco, separators=(",", ":")))
     return ann
+
+
+def add_panoptic(output: str | os.PathLike, splits: Sequence[str] | None = None, workers: int = 1,
+                 overwrite: bool = False, progress: Callable[[int], None] | None = None,
+                 on_split: Callable[[str, int], None] | None = None) -> dict[str, Path]:
+    """Write the panoptic files of a synthetic dataset written without them (or by an older deimv2-deploy).
+
+    The seed, split and image size come from each split's instances file; every image is rendered again and its
+    objects must equal the file's annotations (category, box, area), else ValueError (the dataset is not this
+    generator's output). `splits`: those to do (None: every split that has an instances file). Existing panoptic
+    files are an error unless `overwrite`. `on_split(split, images)` is called before a split starts. Returns
+    {split: panoptic JSON}. The images and instances files are only read."""
+    out = Path(output)
+    found = [s for s in SPLITS if (out / "annotations" / f"instances_{s}.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"{out} holds no synthetic dataset (no annotations/instances_{{{','.join(SPLITS)}}}"
+                                ".json); generate one with deimv2-data synth --output DIR --val N")
+    chosen = list(found if splits is None else splits)
+    missing = [s for s in chosen if s not in found]
+    if missing:
+        raise FileNotFoundError(f"{out} has no {missing[0]!r} split (it has: {', '.join(found)})")
+    if not overwrite:
+        existing = [p for s in chosen for p in _panoptic_paths(out, s) if p.exists()]
+        if existing:
+            raise FileExistsError(f"{', '.join(map(str, existing))} already exist; pass --overwrite to replace them")
+    plans = {s: _synth_plan(out, s) for s in chosen}  # every split checked before any is written
+    written = {}
+    for split, (seed, size, indices, expected) in plans.items():
+        if on_split is not None:
+            on_split(split, len(indices))
+        pan_json, pan_dir = _panoptic_paths(out, split)
+        staging = _staging(pan_dir)
+        segments: list[tuple[int, list[dict[str, Any]]]] = []
+        try:
+            with _rendered([(seed, split, i, size, False, True) for i in indices], workers) as results:
+                for r in results:
+                    got = [(o.category_id, list(_xywh(o.box)), o.area) for o in r.objects]
+                    if got != expected[r.index]:
+                        raise ValueError(f"image {_file_name(r.index)} of {out / split} does not match what seed "
+                                         f"{seed} renders with generator version {GENERATOR_VERSION} (its objects "
+                                         "differ from the instances file): regenerate the dataset with "
+                                         "deimv2-data synth")
+                    (staging / (_file_name(r.index)[:-4] + ".png")).write_bytes(r.png)
+                    segments.append((r.index, r.segments))
+                    if progress is not None:
+                        progress(1)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        pan_json.unlink(missing_ok=True)
+        _publish_folder(staging, pan_dir)
+        with atomic_path(pan_json) as tmp:
+            tmp.write_text(json.dumps(panoptic_annotations(segments, size, seed, split), separators=(",", ":")))
+        written[split] = pan_json
+    return written
+
+
+def _xywh(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    return box[0], box[1], box[2] - box[0], box[3] - box[1]
+
+
+def _synth_plan(out: Path, split: str) -> tuple[int, int, list[int], dict[int, list]]:
+    """(seed, image size, image indices, index -> [(category, bbox, area)]) from a split's instances file, or
+    ValueError when it is not a synthetic dataset this generator can render again."""
+    ann = out / "annotations" / f"instances_{split}.json"
+    data = json.loads(ann.read_text())
+    info = data.get("info") if isinstance(data, dict) else None
+    if not isinstance(info, dict) or info.get("description") != _DESCRIPTION:
+        raise ValueError(f"{ann} was not written by deimv2-data synth (its info does not say so): panoptic files "
+                         "can only be added to a synthetic dataset")
+    if info.get("generator_version") != GENERATOR_VERSION or info.get("split") != split:
+        raise ValueError(f"{ann} was written by generator version {info.get('generator_version')} for split "
+                         f"{info.get('split')!r}; this deimv2-deploy renders version {GENERATOR_VERSION}: "
+                         "regenerate the dataset with deimv2-data synth")
+    seed, size = int(info["seed"]), int(info["image_size"])
+    expected: dict[int, list] = {}
+    for image in data["images"]:
+        index = int(image["id"]) - 1
+        if index < 0 or image.get("file_name") != _file_name(index) or (image.get("width"), image.get("height")) \
+                != (size, size):
+            raise ValueError(f"{ann}: image {image.get('id')} ({image.get('file_name')}) is not where the generator "
+                             "puts image ids (file 00000000000<id>.jpg at the recorded size); was the file edited?")
+        expected[index] = []
+    for a in sorted(data["annotations"], key=lambda a: int(a["id"])):
+        expected[int(a["image_id"]) - 1].append((int(a["category_id"]), [int(v) for v in a["bbox"]], int(a["area"])))
+    return seed, size, sorted(expected), expected
