@@ -99,7 +99,8 @@ def _eomt_body(args: argparse.Namespace, spec: Any) -> int:
     artifact = Path(args.artifact)
     if spec.family != "eomt":
         raise ValueError(f"{artifact.name} is a DINOv3 feature extractor: deimv2-val measures detection (COCO mAP) "
-                         "and segmentation (mIoU, PQ), and features have no such metric")
+                         "and segmentation (mIoU, PQ), and features have no such metric: write its embeddings with "
+                         "deimv2-infer and score them on your downstream task")
     for flag, given in (("--annotations", args.annotations), ("--variant", args.variant),
                         ("--precision", args.precision)):
         if given is not None:
