@@ -103,6 +103,9 @@ def test_add_panoptic_to_an_existing_dataset_equals_writing_it(tmp_path, dataset
     assert "already exist" in err and "--overwrite" in err and err.count("\n") == 1
     assert data_main(["synth", "--output", str(root), "--panoptic-only", "--overwrite", "--quiet"]) == 0
     assert _digest(root) == reference
+    # a split overwritten without panoptic files keeps none of the images it replaced
+    write_dataset(root, {"val": 2}, image_size=SIZE, seed=SEED + 1, overwrite=True, panoptic=False)
+    assert sorted(p.name for p in (root / "annotations").iterdir()) == ["instances_val.json"]
 
 
 def test_add_panoptic_refuses_a_dataset_it_cannot_render_again(tmp_path, dataset, capsys):

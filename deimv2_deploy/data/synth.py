@@ -621,6 +621,8 @@ def _write_split(out: Path, split: str, n: int, size: int, seed: int, workers: i
         _publish_folder(pan_staging, pan_dir)
         with atomic_path(pan_json) as tmp:
             tmp.write_text(json.dumps(panoptic_annotations(segments, size, seed, split), separators=(",", ":")))
+    elif pan_dir.exists():  # an overwritten split keeps no panoptic files of the images it replaced
+        shutil.rmtree(pan_dir)
     with atomic_path(ann) as tmp:
         tmp.write_text(json.dumps(coco, separators=(",", ":")))
     return ann
