@@ -36,7 +36,7 @@ def test_targets_are_the_scenes_panoptic_truth(train):
             assert labels[-1] == train.BACKGROUND and train.LABELS[train.BACKGROUND] == "background"
             visible = [i for i in range(len(scene.objects)) if (owner == i).any()]
             assert [int(v) for v in labels[:-1]] == [scene.objects[i].category_id - 1 for i in visible]
-            for m, i in zip(masks[:-1].numpy(), visible):
+            for m, i in zip(masks[:-1].numpy(), visible, strict=True):
                 assert np.array_equal(m.astype(bool), owner == i)
         assert train.LABELS[:8] == SYNTH_CLASSES
 
@@ -68,3 +68,9 @@ def test_a_short_run_writes_an_exportable_folder_and_resumes(train, tmp_path, ca
     assert "resuming at step 2 of 2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="give the same --steps"):
         train.main([*args[:3], "5", *args[4:]])
+    # a second stage starts from the first one's model, with masked attention off and fresh images
+    second = ["--output", str(tmp_path / "stage2"), "--init", str(tmp_path / "run" / "model"), "--no-mask-annealing",
+              "--first-image", "4", *args[2:]]
+    assert train.main(second) == 0
+    log = [json.loads(line) for line in (tmp_path / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["mask_probs"] == [0.0, 0.0]

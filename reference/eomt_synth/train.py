@@ -115,7 +115,7 @@ def semantic_miou(model, seed: int, count: int, size: int) -> tuple[float, list[
         masks = torch.nn.functional.interpolate(out.masks_queries_logits, size=(size, size), mode="bilinear")
         probs = torch.einsum("bqc,bqhw->bchw", out.class_queries_logits.softmax(-1)[..., :-1], masks.sigmoid())
         pred = probs.argmax(1).numpy()
-        for scene, p in zip(batch, pred):
+        for scene, p in zip(batch, pred, strict=True):
             truth = np.array([o.category_id - 1 for o in scene.objects] + [BACKGROUND])[scene.owner]
             confusion += np.bincount(truth.ravel() * n + p.ravel(), minlength=n * n).reshape(n, n)
     model.attn_mask_probs.copy_(saved)
@@ -141,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--image-size", type=int, default=192)
     p.add_argument("--seed", type=int, default=1, help="training images are (seed, 'train', i)")
+    p.add_argument("--first-image", type=int, default=0,
+                   help="index of the first training image (a second stage starts after the first one's images)")
     p.add_argument("--val-seed", type=int, default=7, help="the quick check's images are (val-seed, 'val', i)")
     p.add_argument("--val-images", type=int, default=64)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--init", metavar="FOLDER", help="start from this transformers EoMT folder (a previous run's "
+                   "model/) instead of random weights: a second stage with its own schedule")
+    p.add_argument("--no-mask-annealing", action="store_true",
+                   help="train without masked attention throughout (for --init from an annealed model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
@@ -154,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = EomtDinov3ForUniversalSegmentation(EomtDinov3Config(**model_config(args.image_size)))
+    if args.init:
+        model = EomtDinov3ForUniversalSegmentation.from_pretrained(args.init)
+        if model.config.id2label != dict(enumerate(LABELS)):
+            sys.exit(f"--init {args.init}: its classes {list(model.config.id2label.values())} are not {list(LABELS)}")
+    else:
+        model = EomtDinov3ForUniversalSegmentation(EomtDinov3Config(**model_config(args.image_size)))
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim > 1 and "embeddings" not in n]
     rest = [p_ for n, p_ in model.named_parameters() if not (p_.ndim > 1 and "embeddings" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, model, optimizer, step: int, state_path: Path, stop: dict, log) -> int:
     out = state_path.parent
-    data = torch.utils.data.DataLoader(Stream(args.seed, args.image_size, step * args.batch,
+    data = torch.utils.data.DataLoader(Stream(args.seed, args.image_size, args.first_image + step * args.batch,
                                               (args.steps - step) * args.batch),
                                        batch_size=args.batch, num_workers=args.workers, collate_fn=collate,
                                        persistent_workers=False)
@@ -201,7 +212,8 @@ def _train(args: argparse.Namespace, model, optimizer, step: int, state_path: Pa
     model.train()
     tick, seen, running = time.perf_counter(), 0, []
     for pixels, masks, labels in data:
-        probs = annealing(step, args.steps, model.config.num_blocks)
+        blocks = model.config.num_blocks
+        probs = [0.0] * blocks if args.no_mask_annealing else annealing(step, args.steps, blocks)
         model.attn_mask_probs.copy_(torch.tensor(probs))
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
