@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) -m deimv2_deploy.demo --shared $(SHARED)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check deimv2_deploy tests benchmarks
+	$(VENV)/bin/ruff check deimv2_deploy tests benchmarks reference
 
 capi: $(STAMP)
 	$(VENV)/bin/deimv2-capi build --output build/capi
