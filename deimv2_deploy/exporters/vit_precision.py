@@ -31,14 +31,18 @@ Task-level agreement against transformers FP32 (`agreement`), enforced per preci
   `query_class`, the fraction of queries whose argmax class (no-object included) is the same.
 - DINOv3: `pooler_cosine`, the lowest cosine similarity of pooler_output over the images, and `patch_cosine`, the
   mean cosine similarity of the patch tokens (`patch_cosine_min` is reported, not limited).
-Measured on the tiny models above: FP16 mask signs >= 0.9993, query classes >= 0.994, cosines >= 0.99999; INT8
-(ONNX Q/DQ and NNCF, 8 calibration scenes) mask signs 0.958-0.992, query classes 0.83-1.0 (random class heads
-are near-uniform, so few queries flip their argmax), pooler cosines >= 0.990, patch cosines >= 0.9996. A broken
-graph sits near chance: mask signs ~0.5, query classes ~1/(classes + 1), cosines ~0. The limits sit between, with
-room for real checkpoints, whose masks and classes are far more decided than random weights': FP16 needs mask
-signs >= 0.99, query classes >= 0.9, cosines >= 0.999; INT8 mask signs >= 0.9, query classes >= 0.6, cosines >=
-0.95. Raw max |difference| per output is reported beside them, never enforced (FP16 moves logits by 1e-4..1e-2,
-INT8 by 1e-2..1).
+Measured on the tiny models above plus 8 random configurations (hidden 8-64, 1-4 layers, 1-4 heads, patch 8/16,
+0-4 registers, 2-8 classes, 4-19 queries, masked attention on/off, half with confident heads): FP16 mask signs
+>= 0.9993, query classes >= 0.98, cosines >= 0.99999; INT8 (ONNX Q/DQ and NNCF, 8 calibration scenes) mask signs
+0.958-0.996, query classes 0.83-1.0 (random class heads are near-uniform, so a few queries flip their argmax),
+pooler cosines >= 0.990, patch cosines >= 0.9996. A broken graph sits near chance or below: mask signs ~0.5 (0 for
+negated logits), query classes ~1/(classes + 1), cosines ~0 (or -1). The limits sit between, with room for real
+checkpoints, whose masks and classes are far more decided than random weights': FP16 needs mask signs >= 0.99,
+query classes >= 0.9, cosines >= 0.999; INT8 mask signs >= 0.9, query classes >= 0.6, cosines >= 0.95. They catch
+a broken graph, not a merely poor calibration: the same tiny models calibrated on 4 black images still reached
+mask signs 0.978-0.997 and cosines >= 0.999 (their activations' ranges come from the random weights more than from
+the images), so judge INT8 on your own data. Raw max |difference| per output is reported beside them, never
+enforced (FP16 moves logits by 1e-4..1e-2, INT8 by 1e-2..1).
 """
 from __future__ import annotations
 
