@@ -19,12 +19,14 @@ and on structured scenes preprocessed as predict() does, ONNX Runtime 1.32 / Ope
   heads (class and mask MLPs, upscaling, the mask einsum and the attention masks built from intermediate masks:
   float heads raised mask-sign agreement from 0.965 to 0.990 (ONNX Q/DQ) and 0.93-0.97 to 0.96-0.98 (NNCF)).
   LayerNorms have no Q/DQ inputs either way.
-- FP16 (`VIT_FP16_KEEP`, `VIT_FP16_KEEP_OPS`): LayerNorms, softmax and EoMT's heads. ONNX Runtime's x86 kernels
-  run most FP16 nodes by casting back to FP32, so the CPU only sees FP16 storage rounding: every keep list tried
-  (none, norms, attention, heads and their unions) gave the same agreement (mask signs >= 0.9993, query classes
-  >= 0.994, DINOv3 cosines 1.0000). The choice therefore follows where FP16 arithmetic is known to fail on a GPU:
-  LayerNorm's sum of squares overflows FP16 on DINOv3's large-norm tokens, softmax's exponent, and the mask logits
-  whose sign is the mask. It still needs a GPU measurement (TensorRT), as the detector's FP16 list does.
+- FP16 (`VIT_FP16_KEEP`, `VIT_FP16_KEEP_OPS`): LayerNorms, softmax and EoMT's heads. Every keep list tried (none,
+  norms, attention, heads and their unions) gave the same agreement here (mask signs >= 0.9993, query classes
+  >= 0.994, DINOv3 cosines 1.0000): ONNX Runtime 1.32 on this CPU keeps the linear layers' MatMuls in FP16 (its
+  optimised graph of a ViT-T-sized DINOv3 has no Cast before 72 of its 84 MatMuls, and runs 1.7x faster than
+  FP32) but casts many other ops back to FP32, and tiny random models have no large activations. The choice
+  therefore follows where FP16 arithmetic is known to fail on a GPU: LayerNorm's sum of squares overflows FP16 on
+  DINOv3's large-norm tokens, softmax's exponent, and the mask logits whose sign is the mask. It still needs a GPU
+  measurement (TensorRT) on a real checkpoint, as the detector's FP16 list does.
 
 Task-level agreement against transformers FP32 (`agreement`), enforced per precision (`THRESHOLDS`):
 - EoMT: `mask_sign`, the fraction of mask logits with the same sign (a pixel in or out of the mask), and
