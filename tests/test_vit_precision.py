@@ -221,6 +221,9 @@ def test_bad_precision_inputs_are_one_line(made, tmp_path, capsys):
                                                       str(tmp_path / "missing")])
     assert "add --format openvino" in _one_line(capsys, ["dinov3", *base, "--precision", "auto", "--calibration",
                                                          str(made["calib"])])
+    # the detector's exports say the same (bf16 used to be an argparse choice error)
+    assert "bf16 is not a file precision" in _one_line(capsys, ["atto", "--random-weights", "--precision", "bf16",
+                                                                "--output-dir", str(tmp_path / "store"), "--quiet"])
     assert not (tmp_path / "store").exists()
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, int8, got 'fp8'"):
         export_vit("dinov3", made["dino"], output_dir=tmp_path / "store", precision="fp8")
