@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = ["PRECISION_REQUESTS", "PrecisionChoice", "choose_precision", "bf16_capable", "executed_label",
-           "openvino_capabilities"]
+           "openvino_capabilities", "bf16_export_error"]
 
 PRECISION_REQUESTS = ("auto", "fp32", "bf16", "fp16", "int8")
 # OpenVINO INFERENCE_PRECISION_HINT value per requested float arithmetic
@@ -105,3 +105,12 @@ def executed_label(weights: str | None, arithmetic: str | None) -> str | None:
     if label is None:
         return weights
     return f"int8+{label}" if weights == "int8" else label
+
+
+def bf16_export_error(fmt: str) -> str:
+    """What to say when an export in bf16 is asked for (`fmt`: the export format): it is a load-time arithmetic."""
+    why = {"onnx": " (ONNX Runtime's CPU provider has no bf16 arithmetic)",
+           "tensorrt": " (TensorRT engines here are fp32, fp16 or int8)"}.get(fmt, "")
+    return ("bf16 is not a file precision: OpenVINO chooses bf16 arithmetic when it loads an FP32 artifact on a CPU "
+            "that runs it natively (AVX-512 BF16 / AMX)" + why + "; export --precision fp32 (or auto) and load it with "
+            "--precision bf16 or auto (deimv2-infer, deimv2-bench, load_runtime(..., precision=...))")

@@ -146,7 +146,7 @@ def test_bad_vit_inputs_are_one_line_errors(vit, tmp_path, atto_onnx, capsys):
     assert "does not record" in error("--vit", str(artifacts["eomt_nostuff"]), "--mode", "predict", "--task",
                                       "panoptic")
     assert "not 'tensorrt'" in error("--vit", str(artifacts["dino"]), "--backends", "tensorrt")
-    assert "FP32" in error("--vit", str(artifacts["dino"]), "--precision", "int8")
+    assert "unknown precision 'fp8'" in error("--vit", str(artifacts["dino"]), "--precision", "fp8")
     assert "--mode model or predict" in error("--vit", str(artifacts["dino"]), "--mode", "end-to-end")
     assert "--random-weights is for DEIMv2 rows" in error("--vit", str(artifacts["dino"]), "--random-weights")
     assert "--plot compares DEIMv2 sizes" in error("--vit", str(artifacts["dino"]), "--plot", "x.png")

@@ -192,9 +192,14 @@ class BenchConfig:
                 raise ValueError(f"--vit rows run on {', '.join(VIT_BACKENDS)} (torch: transformers' eager model), "
                                  f"not {b!r}: drop it from --backends")
         object.__setattr__(self, "backends", backends)
-        if tuple(self.precisions) != ("fp32",):
-            raise ValueError(f"--vit artifacts are FP32 (the DINOv3/EoMT exporter makes FP32 only), got --precision "
-                             f"{','.join(self.precisions)}: leave --precision out")
+        from deimv2_deploy.benchmarks.artifacts import known_precisions  # the detector's row kinds, reused
+
+        known = known_precisions()
+        if not self.precisions:
+            raise ValueError("no precisions given: choose from " + ", ".join(known))
+        for p in self.precisions:
+            if p not in known:
+                raise ValueError(f"unknown precision {p!r}: choose from {', '.join(known)}")
         self._check_common()
         if self.device != "cpu":
             raise ValueError(f"DINOv3/EoMT runtimes run on the CPU for now, not --device {self.device}: use cpu")
@@ -203,7 +208,7 @@ class BenchConfig:
         if self.tasks and self.mode != "predict":
             raise ValueError(f"--task {','.join(self.tasks)} chooses what EoMT's predict runs: add --mode predict")
         given = [flag for flag, on in (("--checkpoint", self.checkpoint), ("--random-weights", self.random_weights),
-                                       ("--calibration", self.calibration), ("--video", self.video),
+                                       ("--video", self.video),
                                        ("--accuracy", self.accuracy_annotations or self.accuracy_images),
                                        ("--max-ap-drop", self.max_ap_drop is not None)) if on]
         if given:

@@ -65,7 +65,8 @@ def _parity_cell(row: dict[str, Any]) -> str:
         return p.get("detail", "n/a")
     mark = "" if p["ok"] else " ✗"
     if "max_abs_diff" in p:  # --vit rows: the graph's outputs against the reference's (benchmarks/vit.py)
-        return f"max abs diff {p['max_abs_diff']:.1e} vs {p['against']}{mark}"
+        agreed = "".join(f" · {k} {v:.3f}" for k, v in (p.get("agreement") or {}).items())  # FP16/INT8/bf16 rows
+        return f"max abs diff {p['max_abs_diff']:.1e}{agreed} vs {p['against']}{mark}"
     return f"{100 * p['matched_fraction']:.1f}% · {p['max_box_diff']:.1e} px · {p['max_score_diff']:.1e}{mark}"
 
 

@@ -8,14 +8,23 @@ The model is a transformers folder or an exported artifact:
 - an exported .onnx runs on onnxruntime and on openvino (which reads ONNX); an .xml on openvino only. Without the
   folder there is no torch row and parity is against the ONNX Runtime row.
 
-One row per backend x batch, FP32. The row's `size` column holds the model's name: the folder's name, or the
-artifact's file name without its extension. Modes:
+One row per backend x precision x batch (`--precision fp32,fp16,int8,auto,bf16`, the detector's row kinds of
+`benchmarks.artifacts.ROW_KINDS`): onnxruntime and openvino run the FP32, FP16 or INT8 export of the folder
+(`deimv2-export eomt|dinov3 --precision`, INT8 calibrated on `--calibration`, without which INT8 rows are skipped
+saying so); openvino's auto and bf16 rows run the FP32 IR with the precision policy; torch (transformers' eager model)
+has FP32 rows only. An artifact given to --vit runs its own precision (and auto/bf16 on OpenVINO when it is FP32);
+other precisions are skipped, naming the folder to pass instead. Every row records `executed_precision`, read
+from the runtime (an FP16 IR runs f32 arithmetic on a CPU without native FP16/bf16: "fp16 (ran fp32)").
+The row's `size` column holds the model's name: the folder's name, or the artifact's file name without its
+extension. Modes:
 - "model": the graph (`VitRuntime.infer`) on one fixed pixel_values batch (`exporters.vit_export.parity_pixels`).
 - "predict": `Runtime.predict` on the in-memory 640x480 scene (`exporters.parity.parity_images`), a list of `batch`
   copies at batch > 1; EoMT runs the tasks of `BenchConfig.tasks` (default: deimv2-infer's). The torch row is
   timed graph only on prepared pixel_values, as transformers users time it (the detectors' baselines do the same).
-Parity: each row's outputs on the fixed pixel_values against the reference, per output max |difference| with the
-exporter's tolerance (`compare_outputs`: 1e-4 + 1e-4 x max |reference|).
+Parity: each row's outputs on the fixed pixel_values against the reference (transformers FP32 for a folder, else
+the ONNX Runtime row of the artifact), per output max |difference|; an FP32 row that ran FP32 is held to the
+exporter's tolerance (`compare_outputs`: 1e-4 + 1e-4 x max |reference|), any other to the task-level agreement
+limits of its precision (`exporters.vit_precision`: EoMT mask signs and query classes, DINOv3 cosines).
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from deimv2_deploy.benchmarks.timing import (
     time_round_robin,
 )
 from deimv2_deploy.exporters.vit_export import compare_outputs, parity_pixels
+from deimv2_deploy.exporters.vit_precision import reduced_parity
 from deimv2_deploy.runtimes.vit_runtime import EOMT_TASKS, load_vit_runtime, parse_eomt_tasks, read_vit_spec
 from deimv2_deploy.vit_spec import VitSpec
 
@@ -161,10 +171,11 @@ class TransformersEager:
         self.model = None
 
 
-def _folder_artifact(folder: Path, backend: str, config: BenchConfig,
+def _folder_artifact(folder: Path, backend: str, precision: str, config: BenchConfig,
                      log: Callable[[str], None]) -> tuple[Path, bool, float | None]:
-    """(path, reused, export seconds): the store's export of `folder` for `backend` when it records the folder's
-    current weights digest, else a new export there (`export_vit`, parity-checked against transformers)."""
+    """(path, reused, export seconds): the store's `precision` export of `folder` for `backend` when it records the
+    folder's current weights digest, else a new export there (`export_vit`, parity-checked against transformers;
+    INT8 calibrated on --calibration, a Skip without it)."""
     from deimv2_deploy.exporters.vit_export import export_vit
     from deimv2_deploy.files import file_sha256
     from deimv2_deploy.models.hf_vit import inspect_vit_folder
@@ -173,16 +184,33 @@ def _folder_artifact(folder: Path, backend: str, config: BenchConfig,
     fmt, ext = ("onnx", ".onnx") if backend == "onnxruntime" else ("openvino", ".xml")
     digest = f"sha256 {file_sha256(info.weights[0])[:16]}"
     store = config.store
-    for candidate in sorted(store.glob(f"{info.model_type}_*_fp32{ext}")) if store.is_dir() else ():
+    for candidate in sorted(store.glob(f"{info.model_type}_*_{precision}{ext}")) if store.is_dir() else ():
         spec = read_vit_spec(candidate)
         if spec is not None and spec.batch is None and digest in spec.weights:  # the same weights, dynamic batch
             return candidate, True, None
-    log(f"exporting {folder} to {fmt} in {store} (reused next time)")
+    if precision == "int8" and not config.calibration:
+        raise Skip("INT8 needs calibration images: pass --calibration DIR (a few hundred images like those the "
+                   "model will see, or a COCO-format dataset)")
+    log(f"exporting {folder} to {fmt} {precision} in {store} (reused next time)")
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = export_vit(info.family, folder, output_dir=store, fmt=fmt, quiet=True)
+        result = export_vit(info.family, folder, output_dir=store, fmt=fmt, precision=precision,
+                            calibration=config.calibration if precision == "int8" else None, quiet=True)
     return result.path, False, time.perf_counter() - t0
+
+
+def parity_precision(artifact_precision: str, executed: str | None) -> str:
+    """The precision whose agreement limits a row's outputs are held to: "fp32" (the 1e-4 tolerance) only for an FP32
+    artifact that ran f32; else INT8, bf16 or FP16 by the artifact and the arithmetic that ran."""
+    ran = executed or artifact_precision
+    if artifact_precision == "int8" or ran.startswith("int8"):
+        return "int8"
+    if "bf16" in ran:
+        return "bf16"
+    if artifact_precision == "fp16" or "fp16" in ran:
+        return "fp16"
+    return "fp32"
 
 
 class VitBench:
@@ -199,32 +227,55 @@ class VitBench:
     def reference_backend(self) -> str:
         return "torch" if self.model.folder is not None else "onnxruntime"
 
+    @property
+    def reference_precision(self) -> str:
+        """transformers FP32 for a folder; an artifact's own precision on ONNX Runtime otherwise."""
+        return "fp32" if self.model.spec is None else self.model.spec.precision
+
     def keys(self, backends: Sequence[str]) -> list[RowKey]:
-        return [RowKey(self.model.name, b, "fp32", n) for b in backends for n in self.config.batches]
+        """Backend > precision > batch. An FP16/INT8 artifact given alone runs its own precision by default."""
+        precisions = tuple(self.config.precisions)
+        if self.model.spec is not None and precisions == ("fp32",) and self.model.spec.precision != "fp32":
+            precisions = (self.model.spec.precision,)
+        return [RowKey(self.model.name, b, p, n) for b in backends for p in precisions for n in self.config.batches]
+
+    def _is_reference(self, key: RowKey) -> bool:
+        return key.backend == self.reference_backend and key.precision == self.reference_precision
 
     # --- one row ---------------------------------------------------------------------------------------
     def load(self, key: RowKey, row: BenchRow | None = None) -> Any:
         """The runtime of a row (TransformersEager for torch, else a VitRuntime); fills the row's artifact fields."""
+        from deimv2_deploy.benchmarks.artifacts import row_kind
+
         config, model = self.config, self.model
         if key.backend == "torch":
             if model.folder is None:
                 raise Skip("PyTorch eager runs transformers' model: pass the transformers folder to --vit, not an "
                            "exported artifact")
+            if key.precision != "fp32":
+                raise Skip("transformers' eager model runs FP32 on the CPU: reduced precision is timed through "
+                           "onnxruntime and openvino")
             t0 = time.perf_counter()
             runtime = TransformersEager(model.folder, config.threads_used)
             if row is not None:
                 row.load_s = time.perf_counter() - t0
                 row.artifact = f"(in memory: transformers {type(runtime.model).__name__} of {model.folder})"
             return runtime
+        kind = row_kind(key)  # Skip with the detector's reason where this backend has no such precision
+        precision = kind.artifact_precision or key.precision  # of the artifact (auto/bf16: the FP32 IR)
         if model.folder is not None:
-            path, reused, prepare_s = _folder_artifact(model.folder, key.backend, config, self.log)
+            path, reused, prepare_s = _folder_artifact(model.folder, key.backend, precision, config, self.log)
         else:
             path, reused, prepare_s = model.artifact, True, None
             if key.backend == "onnxruntime" and path.suffix.lower() != ".onnx":
                 raise Skip(f"ONNX Runtime cannot load OpenVINO IR ({path.name}): pass the .onnx to --vit")
+            if model.spec.precision != precision:
+                raise Skip(f"{path.name} is a {model.spec.precision} artifact, this row needs {precision}: pass the "
+                           "transformers folder to --vit (each precision is exported from it) or that artifact")
         spinning = not config.interleave
         t0 = time.perf_counter()
-        runtime = load_vit_runtime(path, key.backend, threads=config.threads_used, spinning=spinning)
+        runtime = load_vit_runtime(path, key.backend, threads=config.threads_used, spinning=spinning,
+                                   precision=kind.options.get("precision"))
         if row is not None:
             row.load_s = time.perf_counter() - t0
             row.artifact, row.artifact_reused, row.prepare_s = str(path), reused, prepare_s
@@ -232,6 +283,9 @@ class VitBench:
                 row.notes.append("OpenVINO reading the ONNX file")
             if key.backend == "onnxruntime" and not spinning:
                 row.notes.append("ONNX Runtime spinning off (interleaved rows)")
+            from deimv2_deploy.benchmarks.artifacts import artifact_notes
+
+            row.notes.extend([*kind.notes, *artifact_notes(runtime.spec)])
         return runtime
 
     def _open(self, key: RowKey) -> tuple[BenchRow, Any]:
@@ -243,7 +297,9 @@ class VitBench:
             runtime = self.load(key, row)
             row.backend_version = (runtime.version() if isinstance(runtime, TransformersEager)
                                    else f"{key.backend} {_version(key.backend)}")
-            row.weights, row.executed_precision = runtime.spec.weights, "fp32"  # OpenVINO runs with the f32 hint
+            row.weights = runtime.spec.weights
+            row.executed_precision = ("fp32" if isinstance(runtime, TransformersEager)
+                                      else runtime.describe()["executed_precision"])  # what really runs
             if runtime.spec.batch is not None and runtime.spec.batch != key.batch:
                 raise Skip(f"{row.artifact} has a fixed batch of {runtime.spec.batch}; export a dynamic-batch one")
             return row, runtime
@@ -274,7 +330,7 @@ class VitBench:
         try:
             record_resources(row)
             outputs = None
-            if self.config.parity or key.backend == self.reference_backend:
+            if self.config.parity or self._is_reference(key):
                 outputs = (timing.output if graph_only
                            else runtime.infer(parity_pixels(runtime.spec, key.batch)))
         except Exception as e:  # noqa: BLE001
@@ -284,29 +340,39 @@ class VitBench:
             runtime.close()
         record_timing(row, timing, self.config.keep_samples)
         if outputs is not None:
-            if key.backend == self.reference_backend:
+            if self._is_reference(key):
                 self.references[key.batch] = outputs
                 if key.backend != "torch":
                     row.parity = {"against": None, "ok": None,
                                   "detail": "reference (no transformers folder: the other rows compare to this one)"}
             elif self.config.parity:
-                row.parity = self._parity(outputs, key)
+                row.parity = self._parity(outputs, key, runtime.spec,
+                                          parity_precision(runtime.spec.precision, row.executed_precision))
         return row
 
-    def _parity(self, outputs: dict[str, np.ndarray], key: RowKey) -> dict[str, Any]:
-        against = "transformers" if self.reference_backend == "torch" else "onnxruntime"
+    def _parity(self, outputs: dict[str, np.ndarray], key: RowKey, spec: VitSpec,
+                precision: str = "fp32") -> dict[str, Any]:
+        """`outputs` against the reference: the FP32 tolerance for `precision` "fp32", else the task-level agreement
+        limits of `precision` (raw max |difference| reported either way)."""
+        against = ("transformers" if self.reference_backend == "torch"
+                   else f"onnxruntime {self.reference_precision}".replace(" fp32", ""))
         reference = self.references.get(key.batch)
         if reference is None:
             reference = self._reference(key)
         if isinstance(reference, str):
             return {"against": against, "ok": None, "detail": reference}
-        report = compare_outputs(outputs, reference)
+        if precision == "fp32":
+            report = compare_outputs(outputs, reference)
+            return {"against": against, "ok": report["ok"], "max_abs_diff": report["max_abs_diff"],
+                    "atol": report["atol"], "rtol": report["rtol"], "outputs": report["outputs"]}
+        report = reduced_parity(spec, precision, outputs, reference)
         return {"against": against, "ok": report["ok"], "max_abs_diff": report["max_abs_diff"],
-                "atol": report["atol"], "rtol": report["rtol"], "outputs": report["outputs"]}
+                "limits_of": precision, "agreement": {k: v["value"] for k, v in report["agreement"].items()},
+                "limits": report["limits"], "outputs": report["outputs"]}
 
     def _reference(self, key: RowKey) -> dict[str, np.ndarray] | str:
         """The reference outputs for a batch whose reference row is not in this run: computed once, untimed."""
-        ref_key = RowKey(key.size, self.reference_backend, "fp32", key.batch)
+        ref_key = RowKey(key.size, self.reference_backend, self.reference_precision, key.batch)
         try:
             runtime = self.load(ref_key)
         except Skip as e:

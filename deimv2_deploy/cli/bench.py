@@ -33,6 +33,8 @@ Examples:
                # onnxruntime, openvino rows of that EoMT folder (exported to the store first), graph only
   deimv2-bench --vit models/eomt_dinov3_x_640x640_fp32.onnx --backends onnxruntime,openvino --mode predict \
                --task panoptic --interleave --seconds 10     # an exported artifact, Runtime.predict end to end
+  deimv2-bench --vit dinov3_folder/ --backends torch,onnxruntime,openvino --precision fp32,fp16,int8 \
+               --calibration images/ --seconds 10     # a row per backend x precision, agreement vs transformers FP32
 """
 
 
@@ -115,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "predict: Runtime.predict on an in-memory 640x480 image, baselines (torch, *-official) "
                         "graph only; video: frames of --video through Runtime.stream")
     vit = p.add_argument_group("EoMT-DINOv3 / DINOv3", "--vit: rows of one such model instead of DEIMv2 sizes "
-                                                      "(FP32; --mode model or predict; its name in the size column)")
+                                                      "(--precision fp32,fp16,int8,auto,bf16 as for DEIMv2, INT8 "
+                                                      "with --calibration; --mode model or predict; its name in the "
+                                                      "size column)")
     vit.add_argument("--vit", metavar="FOLDER_OR_ARTIFACT",
                      help="a transformers EoMT-DINOv3 / DINOv3 folder (exported to the store first; adds the torch "
                           "row: transformers' eager model, the parity reference) or an exported .onnx / .xml "
@@ -136,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "a folder of their own in the store")
     p.add_argument("--calibration", help="INT8 calibration (OpenVINO/TensorRT): a folder of images or a COCO-format "
                                          "dataset (its folder or annotation .json); default: the --accuracy dataset's "
-                                         "images, else with --random-weights synthetic scenes")
+                                         "images, else with --random-weights synthetic scenes; --vit: no default "
+                                         "(INT8 rows are skipped without it)")
     acc = p.add_argument_group("accuracy", "--accuracy: every row also gets COCO AP and AP50 of its own runtime on a "
                                            "COCO-format dataset (deimv2-val's evaluation, not timed)")
     acc.add_argument("--accuracy", action="store_true", help="measure AP/AP50 per row (needs the dataset below)")

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  deimv2-export s --format openvino --precision int8 --calibration images/\n"
                "  deimv2-export atto --checkpoint finetuned.pth --class-names cat,dog,bird --category-ids 1,5,9\n"
                "  deimv2-export eomt --checkpoint coco_panoptic_eomt_large_640_dinov3/\n"
-               "  deimv2-export dinov3 --checkpoint dinov3-vits16-pretrain-lvd1689m/ --input-size 448\n",
+               "  deimv2-export dinov3 --checkpoint dinov3-vits16-pretrain-lvd1689m/ --input-size 448\n"
+               "  deimv2-export eomt --checkpoint FOLDER --precision fp16 --format openvino\n"
+               "  deimv2-export dinov3 --checkpoint FOLDER --precision int8 --calibration images/\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("size", choices=[*VARIANT_NAMES, "all", *VIT_FAMILY_NAMES], metavar="SIZE|FAMILY",
                    help=f"DEIMv2 size ({', '.join(VARIANT_NAMES)}) or 'all'; or a model family exported from a "
@@ -49,12 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a transformers checkpoint: the official DEIMv2 graph, or transformers' own (ONNX only); "
                         "auto: transformers' only when the folder was fine-tuned inside transformers "
                         "(docs/transformers.md)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "auto"],
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "auto", "bf16"],
                    help="ONNX: fp16 (FP16 compute, sensitive blocks FP32) or int8 (explicit symmetric Q/DQ, what "
                         "TensorRT 11 builds from); OpenVINO/TensorRT: the artifact's precision (TensorRT: that of "
                         "the ONNX it is built from). Default fp32, or that of the --onnx file for TensorRT. auto "
                         "(ONNX/OpenVINO): int8 when --calibration is given, else fp32, whose arithmetic (bf16 on "
-                        "CPUs that run it natively) the runtime chooses at load time with --precision auto")
+                        "CPUs that run it natively) the runtime chooses at load time with --precision auto. bf16 is "
+                        "that load-time arithmetic, not a file precision (an error naming what to do). dinov3/eomt: "
+                        "fp32, fp16, int8 or auto on ONNX and OpenVINO")
     p.add_argument("--output-dir", help="model store to write to (default: $DEIMV2_MODELS or ./models)")
     p.add_argument("--opset", type=int, default=17)
     batch = p.add_mutually_exclusive_group()
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "images, or a COCO-format dataset (its folder, or its annotation .json)")
     p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
                    help="ONNX INT8: how activation ranges are taken from the calibration images")
-    p.add_argument("--calibration-size", type=int, default=300, help="images used for INT8 calibration")
+    p.add_argument("--calibration-size", "--calibration-count", type=int, default=300,
+                   help="images used for INT8 calibration")
     p.add_argument("--workspace", type=float, default=4.0, help="TensorRT builder workspace, GB")
     p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
     p.add_argument("--fp32-attention", action="store_true",
@@ -126,19 +131,25 @@ def _input_size(text: str) -> tuple[int, int]:
 
 
 def _export_vit(args: argparse.Namespace):
-    """dinov3 / eomt: ONNX or OpenVINO IR (FP32) from a transformers folder."""
-    from deimv2_deploy.exporters.vit_export import VIT_FORMATS, export_vit
+    """dinov3 / eomt: ONNX or OpenVINO IR (FP32, FP16 or INT8) from a transformers folder."""
+    from deimv2_deploy.exporters.vit_export import VIT_FORMATS, check_vit_precision, export_vit
 
     if args.checkpoint is None:
         raise ValueError(f"{args.size} exports from a transformers folder: add --checkpoint FOLDER "
                          "(config.json + model.safetensors)")
     if args.format not in VIT_FORMATS:
         raise ValueError(f"{args.size} exports to {' or '.join(VIT_FORMATS)} for now, not --format {args.format}")
-    if args.precision not in (None, "fp32") or args.fp16:
-        raise ValueError(f"{args.size} exports in FP32 for now: leave out --precision/--fp16")
+    if args.fp16 and args.precision not in (None, "fp16"):
+        raise ValueError(f"--fp16 contradicts --precision {args.precision}: pass --precision only")
+    precision = "fp16" if args.fp16 else args.precision or "fp32"
+    if precision == "auto":
+        precision, why = auto_export_precision(args.format, args.calibration)
+        print(f"--precision auto -> {precision}: {why}", file=sys.stderr)
+    check_vit_precision(precision, args.format, args.calibration)  # before the folder is read
     return export_vit(args.size, args.checkpoint, output_dir=args.output_dir, fmt=args.format, opset=args.opset,
                       batch=args.batch, input_size=args.input_size, stuff_classes=args.stuff_classes,
-                      quiet=args.quiet)
+                      precision=precision, calibration=args.calibration, calibration_size=args.calibration_size,
+                      calibration_method=args.calibration_method, quiet=args.quiet)
 
 
 def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"wrote {result.path}\n  {result.spec.describe()}  ({result.seconds:.1f} s)")
             return 0
+        if args.precision == "bf16":
+            from deimv2_deploy.precision import bf16_export_error
+
+            raise ValueError(bf16_export_error(args.format))
         if args.precision == "auto":
             args.precision, why = auto_export_precision(args.format, args.calibration)
             print(f"--precision auto -> {args.precision}: {why}", file=sys.stderr)

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             from deimv2_deploy.cli.infer_vit import run_vit_images
 
             print(f"loaded {args.artifact} on {runtime.backend}/cpu in {time.perf_counter() - t0:.2f} s: "
-                  f"{runtime.spec.describe()}", file=sys.stderr)
+                  f"{runtime.spec.describe()}; runs {_ran(runtime)}", file=sys.stderr)
             if video:
                 from deimv2_deploy.cli.infer_vit import run_vit_video_cli
 

@@ -51,12 +51,11 @@ def check_vit_options(args: argparse.Namespace, runtime: Any, video: bool = Fals
     `video`: the input is a video (then --json PATH names the JSON lines file, as for detectors)."""
     family = runtime.spec.family
     detector_only = [("--letterbox", bool(getattr(args, "letterbox", False))),
-                     ("--precision", getattr(args, "precision", None) not in (None, "fp32")),
                      ("--json PATH", not video and isinstance(getattr(args, "json", None), str))]
     for flag, given in detector_only:
         if given:
             raise ValueError(f"{flag} is for DEIMv2 detector artifacts; {runtime.path.name} is a {family} artifact "
-                             "(FP32, its own official preprocessing, one JSON per image): leave it out")
+                             "(its own official preprocessing, one JSON per image): leave it out")
     if family != "eomt":
         for flag, given in (("--task", bool(getattr(args, "task", None))),
                             ("--stuff-classes", getattr(args, "stuff_classes", None) is not None),

@@ -17,11 +17,13 @@ own right: ONNX Runtime runs them on the CPU, and the TensorRT exporter builds a
 
 Blocks are named by the PyTorch module path the ONNX exporter writes into node names ("/model/decoder/decoder/
 layers.0/cross_attn/..."); nodes onnxsim created without one (fused Gemm, reshapes) inherit the module of the
-node they feed (`node_scopes`).
+node they feed (`node_scopes`). `BLOCKS` are the detector's; another graph passes its own table (`blocks=`, e.g.
+`exporters.vit_precision.VIT_BLOCKS` for DINOv3 / EoMT) to `select_blocks`, `convert_fp16` and `quantize_int8`.
 """
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -124,16 +126,17 @@ def node_scopes(graph: Any) -> dict[str, str]:
     return scopes
 
 
-def select_blocks(graph: Any, blocks: Iterable[str]) -> dict[str, list[str]]:
-    """Block name -> the names of its nodes. ValueError for an unknown block name."""
-    names = list(blocks)
-    unknown = [b for b in names if b not in BLOCKS]
+def select_blocks(graph: Any, names: Iterable[str], blocks: Mapping[str, Block] = BLOCKS) -> dict[str, list[str]]:
+    """Block name -> the names of its nodes, blocks looked up in `blocks` (the detector's by default). ValueError
+    for an unknown block name."""
+    names = list(names)
+    unknown = [b for b in names if b not in blocks]
     if unknown:
-        raise ValueError(f"unknown graph block {unknown[0]!r}: choose from {', '.join(BLOCKS)}")
+        raise ValueError(f"unknown graph block {unknown[0]!r}: choose from {', '.join(blocks)}")
     scopes = node_scopes(graph)
     out: dict[str, list[str]] = {}
     for name in names:
-        regex = re.compile(BLOCKS[name].pattern)
+        regex = re.compile(blocks[name].pattern)
         out[name] = [node.name for node in graph.node if node.name in scopes and regex.search(scopes[node.name])]
     return out
 
@@ -151,10 +154,95 @@ def _named(model: Any) -> Any:
     return model
 
 
+def _drop_no_ops(model: Any) -> tuple[int, set[str]]:
+    """Remove what the FP16 converter mishandles and FP32 does not need (both come from the TorchScript exporter on
+    transformers' DINOv3 / EoMT graphs): Casts to FLOAT of tensors that already are FLOAT (`.to(dtype)`), on which
+    onnxconverter-common 1.16 fails when the output feeds several nodes ("'list' object has no attribute 'input'"),
+    and Identity nodes passing a shared weight on, whose output it re-types to FP16 while keeping the node FP32
+    when a kept block owns it. Consumers, also inside subgraphs, read the original tensor instead; graph outputs
+    stay. Returns how many nodes were removed and the weights now read directly instead of through an Identity.
+    (The detector's graph, simplified by onnxsim, has neither: it is left as it is.)"""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input,
+                                                            *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    outputs = {v.name for v in model.graph.output}
+    initializers = {t.name for t in model.graph.initializer}
+    rename: dict[str, str] = {}
+    kept = []
+    for node in model.graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        source = node.input[0] if node.input else ""
+        source = rename.get(source, source)
+        if node.output and node.output[0] not in outputs and (
+                node.op_type == "Cast" and to == onnx.TensorProto.FLOAT and types.get(source) == onnx.TensorProto.FLOAT
+                or node.op_type == "Identity" and source in initializers):
+            rename[node.output[0]] = source
+            continue
+        kept.append(node)
+    if not rename:
+        return 0, set()
+
+    def rewire(nodes: Iterable[Any]) -> None:
+        for node in nodes:
+            node.input[:] = [rename.get(i, i) for i in node.input]
+            for attr in node.attribute:
+                for graph in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                    rewire(graph.node)
+
+    rewire(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return len(rename), {source for source in rename.values() if source in initializers}
+
+
+def _split_shared_weights(model: Any, kept: set[str], names: set[str]) -> int:
+    """Give the kept (FP32) nodes their own copy of each initializer of `names` they share with converted nodes:
+    the converter mistypes such a weight once its Identity is gone (the TorchScript exporter shares identical
+    tensors through Identity nodes, e.g. all the zero biases of a randomly initialised model). Returns the copies
+    made."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer if t.name in names}
+    readers: dict[str, set[bool]] = collections.defaultdict(set)
+    for node in model.graph.node:
+        for name in node.input:
+            if name in initializers:
+                readers[name].add(node.name in kept)
+    shared = [name for name, sides in readers.items() if sides == {True, False}]
+    for name in shared:
+        copy = f"{name}_fp32_copy"
+        model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[name]), copy))
+        for node in model.graph.node:
+            if node.name in kept:
+                node.input[:] = [copy if i == name else i for i in node.input]
+    return len(shared)
+
+
+def _detach_outputs(model: Any) -> None:
+    """A graph output also read inside the graph (DINOv3's pooler_output is a Gather of last_hidden_state) gets an
+    internal name for the readers and an Identity to the output: the converter's Cast before a kept-FP32 output
+    otherwise leaves the readers typed FP16 on FP32 data."""
+    import onnx
+
+    outputs = {v.name for v in model.graph.output}
+    read = {name for node in model.graph.node for name in node.input} & outputs
+    for name in sorted(read):
+        inner = f"{name}_inner"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}_output"))
+
+
 # --- FP16 ---------------------------------------------------------------------------------------------------
-def convert_fp16(src: str | Path, dst: str | Path, keep: Sequence[str] = FP16_KEEP) -> dict[str, Any]:
-    """Write an FP16 version of the FP32 ONNX `src` to `dst`, with the blocks `keep` in FP32; returns its build
-    notes (tool, kept blocks and node counts). I/O types stay as they are."""
+def convert_fp16(src: str | Path, dst: str | Path, keep: Sequence[str] = FP16_KEEP,
+                 blocks: Mapping[str, Block] = BLOCKS, keep_ops: Sequence[str] = ()) -> dict[str, Any]:
+    """Write an FP16 version of the FP32 ONNX `src` to `dst`, with the blocks `keep` (names in `blocks`) and every
+    node of the op types `keep_ops` in FP32; returns its build notes (tool, kept blocks and node counts). I/O types
+    stay as they are."""
     import onnx
 
     try:
@@ -164,18 +252,27 @@ def convert_fp16(src: str | Path, dst: str | Path, keep: Sequence[str] = FP16_KE
         raise ImportError("FP16 ONNX export needs onnxconverter-common: pip install 'deimv2-deploy[export]' "
                           "(or pip install onnxconverter-common)") from e
     model = _named(onnx.load(str(src)))
-    chosen = select_blocks(model.graph, keep)
-    kept = sorted({n for names in chosen.values() for n in names})
+    dropped, unwrapped = _drop_no_ops(model)
+    _detach_outputs(model)
+    chosen = select_blocks(model.graph, keep, blocks)
+    # the remaining Casts to FLOAT (from int/bool: masks, positions) stay FP32: the converter re-types their
+    # outputs to FP16 but leaves `to=FLOAT`, which ONNX Runtime rejects; kept, they get a Cast to FP16 after them
+    to_float = [n.name for n in model.graph.node if n.op_type == "Cast"
+                and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+    kept = sorted({n for names in chosen.values() for n in names} | set(to_float))
+    copies = _split_shared_weights(model, set(kept), unwrapped)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 number ... will be truncated": weights below FP16's range
         converted = float16.convert_float_to_float16(
             model, keep_io_types=True, node_block_list=kept,
-            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST))  # ops without FP16 support (Resize, TopK...)
+            op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *keep_ops])  # ops without FP16 support (Resize...)
     _float32_outputs(converted, {v.name for v in model.graph.output if v.type.tensor_type.elem_type == 1})
     onnx.save(converted, str(dst))
     return {"tool": f"onnxconverter-common {converter_version} convert_float_to_float16",
             "fp32_blocks": list(keep), "fp32_nodes": {k: len(v) for k, v in chosen.items()},
-            **fp16_summary(converted)}
+            **({"fp32_ops": list(keep_ops)} if keep_ops else {}),
+            **({"no_op_nodes_removed": dropped} if dropped else {}),
+            **({"fp32_weight_copies": copies} if copies else {}), **fp16_summary(converted)}
 
 
 def _float32_outputs(model: Any, names: set[str]) -> None:
@@ -217,10 +314,11 @@ def fp16_summary(model: Any) -> dict[str, Any]:
 
 # --- INT8 ---------------------------------------------------------------------------------------------------
 def quantize_int8(src: str | Path, dst: str | Path, calibration: Iterable[Mapping[str, np.ndarray]],
-                  float_blocks: Sequence[str] = INT8_FLOAT, method: str = "minmax") -> dict[str, Any]:
+                  float_blocks: Sequence[str] = INT8_FLOAT, method: str = "minmax",
+                  blocks: Mapping[str, Block] = BLOCKS) -> dict[str, Any]:
     """Write an INT8 Q/DQ version of the FP32 ONNX `src` to `dst`, calibrated on `calibration` (graph inputs, one
-    image each, re-iterable); `float_blocks` stay float. Returns the build notes, with `qdq_summary` of the result
-    (QdqError when anything in it is not symmetric INT8)."""
+    image each, re-iterable); `float_blocks` (names in `blocks`) stay float. Returns the build notes, with
+    `qdq_summary` of the result (QdqError when anything in it is not symmetric INT8)."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import (
@@ -234,7 +332,7 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: Iterable[Mappin
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     model = _named(onnx.load(str(src)))
-    chosen = select_blocks(model.graph, float_blocks)
+    chosen = select_blocks(model.graph, float_blocks, blocks)
     excluded = sorted({n for names in chosen.values() for n in names})
 
     class Reader(CalibrationDataReader):
@@ -246,13 +344,19 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: Iterable[Mappin
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_static(
-            model, str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OP_TYPES),
-            per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded, calibrate_method=methods[method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs "Please consider pre-processing" on the root logger: noise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(
+                model, str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OP_TYPES),
+                per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded, calibrate_method=methods[method],
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    finally:
+        root.setLevel(level)
     summary = qdq_summary(onnx.load(str(dst)))
     if not summary["quantized_inputs"]:
         raise QdqError(f"the quantizer left {src} without a single quantized Conv/MatMul/Gemm input; nothing would "

@@ -49,7 +49,7 @@ from deimv2_deploy.variants import get_variant_info
 
 __all__ = ["export_openvino", "PRECISIONS", "SOURCES", "INT8_FLOAT_PATTERNS",
            "INT8_FLOAT_TYPES", "select_calibration_images", "calibration_inputs", "convert_from_onnx",
-           "convert_from_torch", "quantize_int8", "save_ir", "drift_summary",
+           "convert_from_torch", "quantize_int8", "nncf_int8", "save_ir", "drift_summary",
            "int8_speed_note"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -125,12 +125,21 @@ def convert_from_torch(graph: Any, spec: ArtifactSpec) -> Any:
 def quantize_int8(model: Any, paths: Sequence[Path], spec: ArtifactSpec, subset_size: int,
                   float_patterns: Sequence[str] = INT8_FLOAT_PATTERNS) -> Any:
     """NNCF post-training INT8 of `model` on the calibration images; nodes matching `float_patterns` stay float."""
+    return nncf_int8(model, _CalibrationSet(paths, spec), min(subset_size, len(paths)), float_patterns,
+                     transformer=get_variant_info(spec.variant).family == "dinov3")
+
+
+def nncf_int8(model: Any, data: Any, subset_size: int, float_patterns: Sequence[str],
+              float_types: Sequence[str] = INT8_FLOAT_TYPES, transformer: bool = False) -> Any:
+    """NNCF post-training INT8 of the OpenVINO `model` on `data` (re-iterable graph inputs; `subset_size` of them
+    are used), MIXED preset; nodes matching `float_patterns` or of `float_types` stay float. `transformer`: NNCF's
+    TRANSFORMER model type (what ViT graphs need). Shared by the detector and the DINOv3 / EoMT exporter."""
     import nncf
 
     # attention stays float too: with quantized inputs OpenVINO's CPU plugin can no longer run the fused
     # ScaledDotProductAttention kernel and falls back to MatMul + Softmax, which made s's INT8 slower than FP32
-    scope = nncf.IgnoredScope(patterns=list(float_patterns), types=list(INT8_FLOAT_TYPES), validate=False)
-    model_type = nncf.ModelType.TRANSFORMER if get_variant_info(spec.variant).family == "dinov3" else None
+    scope = nncf.IgnoredScope(patterns=list(float_patterns), types=list(float_types), validate=False)
+    model_type = nncf.ModelType.TRANSFORMER if transformer else None
     # MIXED: asymmetric activations. HGNetv2's affine after ReLU and the SiLU/GELU outputs are not centred on 0;
     # on atto it halved the score drift against FP32 compared with the symmetric default (benchmarks/openvino_int8.md)
     from nncf.common.logging import nncf_logger
@@ -138,9 +147,8 @@ def quantize_int8(model: Any, paths: Sequence[Path], spec: ArtifactSpec, subset_
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)  # its INFO lists every node it leaves in float: hundreds of lines
     try:
-        return nncf.quantize(model, nncf.Dataset(_CalibrationSet(paths, spec)),
-                             subset_size=min(subset_size, len(paths)), preset=nncf.QuantizationPreset.MIXED,
-                             ignored_scope=scope, model_type=model_type)
+        return nncf.quantize(model, nncf.Dataset(data), subset_size=subset_size,
+                             preset=nncf.QuantizationPreset.MIXED, ignored_scope=scope, model_type=model_type)
     finally:
         nncf_logger.setLevel(level)
 

@@ -1,4 +1,5 @@
-"""deimv2-export dinov3 | eomt: a transformers folder -> ONNX (FP32) [-> OpenVINO IR], with a parity report.
+"""deimv2-export dinov3 | eomt: a transformers folder -> ONNX [-> OpenVINO IR], FP32, FP16 or INT8, with a parity
+report.
 
 The graph is transformers' own forward, traced as it is, with transformers' I/O names: `pixel_values` float32
 (N, 3, H, W, normalised) -> DINOv3: `last_hidden_state` (N, 1 + R + P, D), `pooler_output` (N, D); EoMT:
@@ -8,6 +9,22 @@ of the graph (runtimes/vit_runtime.py does the official one), so the outputs can
 
 EoMT's masked attention is traced as the checkpoint sets it: probability 1 -> masked blocks, 0 -> plain blocks;
 a probability strictly between 0 and 1 (random per query) is refused (`check_masked_attention`).
+
+Precision (`precision=`, as the detector's exporters name them): the FP32 trace is always checked against
+transformers first (1e-4, enforced). Then
+- ONNX fp16 / int8: the detector's rewriters (`onnx_precision.convert_fp16`, `quantize_int8`: symmetric Q/DQ with
+  zero points 0, checked by `qdq_summary`) on the prepared graph, with the ViT's own FP32 blocks
+  (`exporters/vit_precision.py` says what and why);
+- OpenVINO fp16: the FP32 IR saved with FP16-compressed weights (OpenVINO widens them at load on CPUs without native
+  FP16, so on AVX2 it runs f32); int8: NNCF post-training quantization (`openvino_export.nncf_int8`, TRANSFORMER
+  model type) with the patch embedding, attention and EoMT's heads float.
+INT8 calibrates on the user's images (`calibration`: a folder of images or a COCO-format dataset; no default, as
+for the detector), preprocessed as the ViT runtime does (`exporters.calibration.vit_calibration_inputs`). bf16 is
+not a file precision: OpenVINO chooses it when loading an FP32 IR (`load_runtime(..., precision="bf16"|"auto")`).
+A reduced-precision artifact is checked against transformers FP32 on the parity noise plus two structured scenes
+preprocessed as predict() does: raw max |difference| per output reported, task-level agreement enforced
+(`vit_precision.THRESHOLDS`: EoMT mask signs and query classes, DINOv3 cosine similarities); below the limits it is
+a ParityError and nothing is written. The report is `spec.parity` (and printed).
 """
 from __future__ import annotations
 
@@ -20,12 +37,14 @@ import numpy as np
 
 from deimv2_deploy.exporters.common import ExportResult, Steps, library_versions, resolve_store
 from deimv2_deploy.exporters.parity import ParityError
+from deimv2_deploy.exporters.vit_precision import VIT_PRECISIONS, describe_reduced, reduced_parity
 from deimv2_deploy.files import atomic_write, file_sha256, work_folder
 from deimv2_deploy.runtimes.openvino_backend import openvino_core
 from deimv2_deploy.spec import EXPORTER
 from deimv2_deploy.vit_spec import VitSpec, parse_stuff_classes
 
-__all__ = ["export_vit", "vit_spec_for", "vit_artifact_name", "VIT_FORMATS", "ATOL", "RTOL"]
+__all__ = ["export_vit", "vit_spec_for", "vit_artifact_name", "VIT_FORMATS", "VIT_PRECISIONS", "ATOL", "RTOL",
+           "parity_pixels", "reduced_parity_pixels", "compare_outputs", "check_vit_precision"]
 
 VIT_FORMATS = ("onnx", "openvino")
 # FP32 parity: |onnx - torch| <= ATOL + RTOL * max|torch| for every output
@@ -97,6 +116,35 @@ def parity_pixels(spec: VitSpec, count: int, seed: int = 0) -> np.ndarray:
     return ((raw - mean) / std).astype(np.float32)
 
 
+def reduced_parity_pixels(spec: VitSpec) -> np.ndarray:
+    """What a reduced-precision export is checked on: the parity noise (`parity_pixels`) and two structured scenes
+    (`exporters.parity.parity_images`) cropped and normalised as predict() does (`vit_runtime.graph_crops`), a
+    multiple of the fixed batch (the last scene crop repeated) when there is one."""
+    from deimv2_deploy.exporters.parity import parity_images
+    from deimv2_deploy.runtimes.vit_runtime import graph_crops, normalize
+
+    crops = [normalize(c, spec) for bgr in parity_images(2) for c in graph_crops(bgr[:, :, ::-1].copy(), spec)]
+    pixels = np.concatenate([parity_pixels(spec, 2), np.stack(crops)])
+    step = spec.batch or 1
+    extra = (-len(pixels)) % step
+    return np.concatenate([pixels, np.repeat(pixels[-1:], extra, 0)]) if extra else pixels
+
+
+def check_vit_precision(precision: str, fmt: str, calibration: Any) -> None:
+    """One-line ValueError for a precision this exporter does not make for `fmt`, or calibration that does not fit."""
+    from deimv2_deploy.exporters.calibration import NO_CALIBRATION
+    from deimv2_deploy.precision import bf16_export_error
+
+    if precision == "bf16":
+        raise ValueError(bf16_export_error(fmt))
+    if precision not in VIT_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(VIT_PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and calibration is None:
+        raise ValueError(NO_CALIBRATION)
+    if precision != "int8" and calibration is not None:
+        raise ValueError(f"--calibration is for --precision int8, not {precision}")
+
+
 def compare_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, Any]:
     """Per output: max abs difference, the reference's max magnitude, the tolerance, ok."""
     report: dict[str, Any] = {"atol": ATOL, "rtol": RTOL, "outputs": {}}
@@ -155,11 +203,19 @@ def _reference(graph: Any, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.nd
     return {n: o.float().numpy() for n, o in zip(spec.output_names, outs, strict=True)}
 
 
+def _batched(run: Any, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """`run(pixels)` in chunks of the fixed batch (all at once when dynamic), outputs concatenated."""
+    step = spec.batch or len(pixels)
+    parts = [run(pixels[i:i + step]) for i in range(0, len(pixels), step)]
+    return {n: np.concatenate([p[n] for p in parts]) for n in spec.output_names}
+
+
 def _run_onnx(path: Path, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(zip(spec.output_names, session.run(list(spec.output_names), {"pixel_values": pixels}), strict=True))
+    return _batched(lambda x: dict(zip(spec.output_names, session.run(list(spec.output_names), {"pixel_values": x}),
+                                       strict=True)), spec, pixels)
 
 
 def _publish_onnx(work: Path, final: Path, spec: VitSpec) -> None:
@@ -181,51 +237,71 @@ def _openvino_model(onnx_path: Path) -> Any:
 
 
 def _run_openvino(model: Any, spec: VitSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """`model` (an ov.Model or a saved IR's path) compiled with the f32 hint: the same arithmetic on every CPU."""
     compiled = openvino_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    result = compiled({"pixel_values": pixels})
-    return {n: np.array(result[compiled.output(n)]) for n in spec.output_names}
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        result = compiled({"pixel_values": x})
+        return {n: np.array(result[compiled.output(n)]) for n in spec.output_names}
+
+    return _batched(run, spec, pixels)
 
 
-def _publish_openvino(model: Any, final: Path, spec: VitSpec) -> None:
-    """The IR (FP32 weights) with the spec in rt_info, .bin and .xml published together."""
+def _publish_openvino(model: Any, final: Path, spec: VitSpec, compress_to_fp16: bool = False) -> None:
+    """The IR (FP32 weights, or FP16-compressed) with the spec in rt_info, .bin and .xml published together."""
     import openvino as ov
 
     for key, value in spec.to_metadata().items():
         model.set_rt_info(value, [key])
     with atomic_write(final, final.with_suffix(".bin")) as (xml, _):
-        ov.save_model(model, str(xml), compress_to_fp16=False)
+        ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
 
 
 def export_vit(family: str, checkpoint: str | os.PathLike, *, output_dir: str | os.PathLike | None = None,
                fmt: str = "onnx", opset: int = 17, batch: int | None = None,
                input_size: tuple[int, int] | None = None, stuff_classes: str | list | tuple | None = None,
-               quiet: bool = False) -> ExportResult:
+               precision: str = "fp32", calibration: str | os.PathLike | None = None, calibration_size: int = 300,
+               calibration_method: str = "minmax", quiet: bool = False) -> ExportResult:
     """Export a transformers DINOv3 ViT (`family="dinov3"`) or EoMT-DINOv3 (`"eomt"`) folder to ONNX or OpenVINO IR
-    (FP32) in the model store; raises ParityError (writing nothing) when the export disagrees with transformers.
+    in the model store; raises ParityError (writing nothing) when the export disagrees with transformers.
 
     `stuff_classes` (EoMT): the labels panoptic segmentation merges into one segment per class ("80-132", names,
     a list, or "none"), recorded in the metadata; transformers' config does not keep them, so without this option
-    the artifact's panoptic split is unknown and its runtime asks for it."""
+    the artifact's panoptic split is unknown and its runtime asks for it.
+    `precision`: "fp32", "fp16" or "int8" (module docstring); INT8 needs `calibration` (a folder of images or a
+    COCO-format dataset, up to `calibration_size` of its images; ONNX: `calibration_method` minmax, percentile or
+    entropy)."""
     from deimv2_deploy.models.hf_vit import VIT_FAMILIES, load_vit_model
 
     if family not in VIT_FAMILIES:
         raise ValueError(f"unknown model family {family!r}: choose one of {', '.join(VIT_FAMILIES)}")
     if fmt not in VIT_FORMATS:
-        raise ValueError(f"{family} exports to {' or '.join(VIT_FORMATS)} (FP32) for now, not {fmt!r}")
+        raise ValueError(f"{family} exports to {' or '.join(VIT_FORMATS)}, not {fmt!r}")
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be at least 1 (or None for dynamic), got {batch}")
     if stuff_classes is not None and family != "eomt":
         raise ValueError(f"--stuff-classes is for eomt (panoptic segmentation), not {family}: leave it out")
-    steps = Steps(f"{fmt} {family}", 5 if fmt == "onnx" else 6, quiet)
+    check_vit_precision(precision, fmt, calibration)
+    from deimv2_deploy.exporters.onnx_precision import CALIBRATION_METHODS
+
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got "
+                         f"{calibration_method!r}")
+    calibration_paths: list[Path] = []
+    if precision == "int8":  # a missing or empty calibration source fails here, before the model is loaded
+        from deimv2_deploy.data.calibration import select_calibration_images
+
+        calibration_paths = select_calibration_images(calibration, calibration_size)
+    steps = Steps(f"{fmt} {family} {precision}", 7 if precision != "fp32" else 5 if fmt == "onnx" else 6, quiet)
     steps(f"loading {checkpoint}")
     model, folder = load_vit_model(checkpoint, family)
     weights = f"{folder.path} (sha256 {file_sha256(folder.weights[0])[:16]})"
     stuff = None if stuff_classes is None else parse_stuff_classes(stuff_classes, folder.class_names)
     spec = vit_spec_for(model, folder, input_size, weights=weights, batch=batch, exporter=EXPORTER,
-                        stuff_classes=stuff)
+                        stuff_classes=stuff, precision=precision)
     store = resolve_store(output_dir)
     ext = ".onnx" if fmt == "onnx" else ".xml"
-    final = store / vit_artifact_name(folder.path, folder.model_type, spec.input_size, "fp32", batch, ext)
+    final = store / vit_artifact_name(folder.path, folder.model_type, spec.input_size, precision, batch, ext)
     graph = _graph_module(model, spec)
     with work_folder("deimv2-export-") as work:
         traced = work / "model.onnx"
@@ -242,6 +318,17 @@ def export_vit(family: str, checkpoint: str | os.PathLike, *, output_dir: str | 
             raise ParityError(f"ONNX export of {folder.path} disagrees with transformers: {_describe(parity)}. "
                               "Nothing was written; please report this with the command you ran")
         versions = library_versions("torch", "transformers", "onnx", "onnxruntime")
+        if precision != "fp32":
+            from deimv2_deploy.exporters.calibration import CalibrationSet
+
+            calib = CalibrationSet(calibration_paths, spec, str(calibration)) if precision == "int8" else None
+            result = _export_reduced(graph, spec, traced, work, final, fmt, precision, calib, calibration_method,
+                                     parity, versions, steps, folder.path, opset)
+            steps("done")
+            if not quiet:
+                print(f"parity vs transformers FP32 ({precision}, {result.parity['backend']}): "
+                      f"{describe_reduced(result.parity)}", flush=True)
+            return ExportResult(result.path, result.spec, result.parity, steps.elapsed)
         if fmt == "openvino":
             steps("converting to OpenVINO IR and checking it against transformers (CPU, FP32)")
             ir = _openvino_model(traced)
@@ -261,6 +348,60 @@ def export_vit(family: str, checkpoint: str | os.PathLike, *, output_dir: str | 
     if not quiet:
         print(f"parity vs transformers: {_describe(parity)}", flush=True)
     return ExportResult(final, spec, parity, steps.elapsed)
+
+
+def _export_reduced(graph: Any, spec: VitSpec, traced: Path, work: Path, final: Path, fmt: str, precision: str,
+                    calib: Any, method: str, fp32_parity: dict[str, Any], versions: dict[str, str], steps: Steps,
+                    source: Path, opset: int) -> ExportResult:
+    """The FP16 / INT8 artifact from the checked FP32 trace: rewritten, run on the reduced parity inputs against
+    transformers FP32, refused (ParityError) below the agreement limits, else published."""
+    from deimv2_deploy.exporters.vit_precision import OPENVINO_INT8_FLOAT, rewrite_onnx
+
+    what = "ONNX" if fmt == "onnx" else "OpenVINO IR"
+    how = f" (calibrating on {len(calib.paths)} images of {calib.source})" if calib is not None else ""
+    steps(f"rewriting to {precision.upper()}{how}")
+    pixels = reduced_parity_pixels(spec)
+    reference = _reference(graph, spec, pixels)
+    if fmt == "onnx":
+        out = work / f"model_{precision}.onnx"
+        build: dict[str, Any] = {"precision": rewrite_onnx(traced, out, precision, spec, calib, method)}
+        steps(f"checking the {precision.upper()} ONNX against transformers FP32 (ONNX Runtime, CPU)")
+        ours = _run_onnx(out, spec, pixels)
+        backend = "onnxruntime"
+        versions = {**versions, **library_versions(*(["onnxconverter_common"] if precision == "fp16" else []))}
+    else:
+        ir = _openvino_model(traced)
+        build = {"compress_to_fp16": precision == "fp16"}
+        if precision == "int8":
+            from deimv2_deploy.exporters.openvino_export import INT8_FLOAT_TYPES, nncf_int8
+
+            ir = nncf_int8(ir, calib, len(calib), OPENVINO_INT8_FLOAT, transformer=True)
+            build["calibration"] = {**calib.describe(), "float_patterns": list(OPENVINO_INT8_FLOAT),
+                                    "float_types": list(INT8_FLOAT_TYPES)}
+        steps(f"checking the {precision.upper()} IR against transformers FP32 (OpenVINO, CPU, f32 arithmetic)")
+        import openvino as ov
+
+        check = work / "check.xml"
+        ov.save_model(ir, str(check), compress_to_fp16=precision == "fp16")  # the weights as they will be saved
+        ours = _run_openvino(str(check), spec, pixels)
+        backend = "openvino"
+        versions = {**versions, **library_versions("openvino", *(["nncf"] if precision == "int8" else []))}
+    parity = reduced_parity(spec, precision, ours, reference)
+    parity.update(backend=backend, images=int(len(pixels)),
+                  against=f"transformers {_version('transformers')} (CPU, FP32)",
+                  inputs="parity noise + 2 structured scenes as predict() crops them", fp32_onnx=fp32_parity)
+    if not parity["ok"]:
+        raise ParityError(f"the {precision.upper()} {what} of {source} disagrees with transformers FP32 beyond the "
+                          f"task-level limits: {describe_reduced(parity)}. Nothing was written; "
+                          + ("check the calibration images (like those the model will see?) or export fp16/fp32"
+                             if precision == "int8" else "export fp32, or report this with the command you ran"))
+    spec = spec.with_(parity=parity, versions=versions, build={**build, "format": fmt, "opset": opset})
+    steps(f"writing {final}")
+    if fmt == "onnx":
+        _publish_onnx(out, final, spec)
+    else:
+        _publish_openvino(ir, final, spec, compress_to_fp16=precision == "fp16")
+    return ExportResult(final, spec, parity)
 
 
 

@@ -81,8 +81,10 @@ def check_options(cls: type[Runtime], options: dict[str, Any]) -> None:
 
 
 def _vit_runtime(path: Path, backend: str | Backend | None, device: str, variant: str | None,
-                 options: dict[str, Any]) -> Any:
-    """A DINOv3 / EoMT runtime (runtimes.vit_runtime) when the artifact's metadata says it is one, else None."""
+                 options: dict[str, Any], precision: str | None = None) -> Any:
+    """A DINOv3 / EoMT runtime (runtimes.vit_runtime) when the artifact's metadata says it is one, else None.
+    `precision`: the same policy as the detectors' (OpenVINO chooses the arithmetic; ONNX Runtime runs the
+    artifact's own precision)."""
     from deimv2_deploy.runtimes.vit_runtime import load_vit_runtime, read_vit_spec
 
     spec = read_vit_spec(path)
@@ -97,7 +99,7 @@ def _vit_runtime(path: Path, backend: str | Backend | None, device: str, variant
         raise ValueError(f"{spec.family} runtimes take only the options 'threads' and 'spinning', not {unknown[0]!r}")
     chosen = None if backend is None else Backend.parse(backend).value
     return load_vit_runtime(path, chosen, threads=options.get("threads"), spec=spec,
-                            spinning=bool(options.get("spinning", True)))
+                            spinning=bool(options.get("spinning", True)), precision=precision)
 
 
 def _precision_options(cls: type[Runtime], precision: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +156,7 @@ def load_runtime(path: str | os.PathLike, backend: str | Backend | None = None, 
     if not p.exists():
         raise FileNotFoundError(f"artifact not found: {p}")
     if p.is_file() and p.suffix.lower() in (".onnx", ".xml"):
-        vit = _vit_runtime(p, backend, device, variant, options)
+        vit = _vit_runtime(p, backend, device, variant, options, precision)
         if vit is not None:
             return vit
     possible = backend_for_path(p)

@@ -10,6 +10,13 @@
 The graph (pixel_values -> transformers' outputs) runs on ONNX Runtime or OpenVINO; the spec in the artifact's
 metadata (vit_spec.py) gives the input size and normalisation; segmentation.py holds the official EoMT pre- and
 post-processing. The detector's Runtime (base.py) has a different graph contract, so these are their own classes.
+
+Precision: an artifact is FP32, FP16 or INT8 (`spec.precision`, `deimv2-export eomt|dinov3 --precision`).
+`precision=` follows the detector's policy (`deimv2_deploy.precision`): on OpenVINO it chooses the arithmetic
+("auto": bf16 where the CPU runs it natively, else f32; "fp32" exact f32; "bf16"/"fp16" that hint); ONNX Runtime runs
+the artifact's own precision ("auto" or that precision, anything else is an error). Without it an FP32 artifact runs
+f32 everywhere and a reduced one with OpenVINO's default for the CPU. `describe()["executed_precision"]` is what
+really ran, read back from the compiled model (an FP16 IR runs f32 arithmetic on a CPU without native FP16/bf16).
 """
 from __future__ import annotations
 
@@ -22,8 +29,9 @@ import numpy as np
 
 from deimv2_deploy.embeddings import Embeddings
 from deimv2_deploy.errors import BackendUnavailableError
+from deimv2_deploy.precision import PRECISION_REQUESTS, PrecisionChoice, choose_precision, executed_label
 from deimv2_deploy.preprocess import as_rgb_uint8, image_list, resize_like_pil
-from deimv2_deploy.runtimes.openvino_backend import openvino_core
+from deimv2_deploy.runtimes.openvino_backend import executed_precision, openvino_core
 from deimv2_deploy.segmentation import (
     TOP_K_INSTANCES,
     Segmentation,
@@ -36,7 +44,7 @@ from deimv2_deploy.segmentation import (
 from deimv2_deploy.vit_spec import VIT_METADATA_KEY, VitSpec, parse_stuff_classes
 
 __all__ = ["VitRuntime", "Dinov3Runtime", "EomtRuntime", "read_vit_spec", "load_vit_runtime", "EOMT_TASKS",
-           "DEFAULT_EOMT_TASKS", "VIT_BACKENDS", "parse_eomt_tasks"]
+           "DEFAULT_EOMT_TASKS", "VIT_BACKENDS", "parse_eomt_tasks", "normalize", "graph_crops"]
 
 EOMT_TASKS = ("semantic", "instance", "panoptic")
 DEFAULT_EOMT_TASKS = ("semantic", "instance")  # panoptic needs the thing/stuff split, which not every artifact has
@@ -57,6 +65,25 @@ def parse_eomt_tasks(values: Sequence[str] | None, spec: VitSpec, option: str = 
     if tasks:
         return tuple(tasks)
     return DEFAULT_EOMT_TASKS + (("panoptic",) if spec.stuff_classes is not None else ())
+
+
+def normalize(rgb: np.ndarray, spec: VitSpec) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32: /255, then the spec's mean/std."""
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    x = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def graph_crops(rgb: np.ndarray, spec: VitSpec) -> list[np.ndarray]:
+    """The (H, W, 3) uint8 RGB crops at the input size that predict() gives the graph for one image, as INT8
+    calibration feeds them: DINOv3 the stretched image; EoMT the padded canvas of instance/panoptic and the middle
+    window of semantic's sliding windows (the others are more of the same; two per image keeps the count known)."""
+    if spec.family == "dinov3":
+        return [resize_like_pil(rgb, spec.input_size)]
+    size = spec.input_size[0]
+    windows, _, _ = semantic_windows(rgb, size)
+    return [instance_canvas(rgb, size)[0], windows[len(windows) // 2]]
 
 
 def read_vit_spec(path: str | os.PathLike) -> VitSpec | None:
@@ -112,12 +139,28 @@ class _OrtGraph:
         return self.session.run(list(names), {"pixel_values": pixel_values})
 
 
+def _openvino_hint(precision: str | None, weights: str, core: Any) -> tuple[str | None, PrecisionChoice | None]:
+    """(INFERENCE_PRECISION_HINT, the policy's choice) for an artifact of precision `weights`: the detector's policy
+    when `precision` is given; else f32 for an FP32 artifact (a bf16 CPU would default to bf16) and OpenVINO's
+    default for a reduced one (as the detector's OpenVINO runtime does)."""
+    if precision is None:
+        return ("f32" if weights == "fp32" else None), None
+    from deimv2_deploy.cpu import cpu_info
+    from deimv2_deploy.precision import openvino_capabilities
+
+    choice = choose_precision(precision, weights, openvino_capabilities(core, "CPU"), cpu_info()["isa"])
+    return choice.inference_precision, choice
+
+
 class _OpenVinoGraph:
-    def __init__(self, path: Path, threads: int | None, spinning: bool = True) -> None:  # spinning: ORT only
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # FP32 artifacts run in FP32 (no bf16 on AMX)
+    def __init__(self, path: Path, threads: int | None, spinning: bool = True, precision: str | None = None,
+                 weights: str = "fp32") -> None:  # spinning: ORT only
+        core = openvino_core()
+        hint, self.choice = _openvino_hint(precision, weights, core)
+        config: dict[str, Any] = {} if hint is None else {"INFERENCE_PRECISION_HINT": hint}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = openvino_core().compile_model(str(path), "CPU", config)
+        self.compiled = core.compile_model(str(path), "CPU", config)
         # a port may carry several tensor names (the ONNX name among them): report the one the graph contract uses
         wanted = ("pixel_values", "last_hidden_state", "pooler_output", "class_queries_logits", "masks_queries_logits")
 
@@ -131,13 +174,24 @@ class _OpenVinoGraph:
         result = self.compiled({"pixel_values": pixel_values})
         return [np.array(result[self.compiled.output(n)]) for n in names]  # copies: never the request's buffers
 
+    def arithmetic(self) -> str | None:
+        """"f32" / "bf16" / "f16" as compiled (a bf16 hint on a CPU without bf16 compiles to f32)."""
+        def read(name: str) -> Any:
+            try:
+                return self.compiled.get_property(name)
+            except RuntimeError:
+                return None
+
+        return executed_precision(read("INFERENCE_PRECISION_HINT"), read("EXECUTION_MODE_HINT"))
+
 
 class VitRuntime:
     """A DINOv3 / EoMT artifact on ONNX Runtime or OpenVINO (CPU): the graph, its spec and its preprocessing.
-    `spinning=False` (ONNX Runtime; OpenVINO ignores it) stops idle inference threads from busy-waiting."""
+    `spinning=False` (ONNX Runtime; OpenVINO ignores it) stops idle inference threads from busy-waiting.
+    `precision`: the precision policy (module docstring); None keeps each backend's default."""
 
     def __init__(self, path: str | os.PathLike, spec: VitSpec | None = None, backend: str = "onnxruntime",
-                 threads: int | None = None, spinning: bool = True) -> None:
+                 threads: int | None = None, spinning: bool = True, precision: str | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"artifact not found: {self.path}")
@@ -151,17 +205,36 @@ class VitRuntime:
         if backend == "onnxruntime" and self.path.suffix.lower() != ".onnx":
             raise ValueError(f"onnxruntime cannot load {self.path.suffix} files; use backend='openvino'")
         self.spec, self.backend = spec, backend
-        self.graph = (_OrtGraph if backend == "onnxruntime" else _OpenVinoGraph)(self.path, threads, spinning)
+        requested = _precision_request(precision)
+        self.precision_choice: PrecisionChoice | None = None
+        if backend == "onnxruntime":
+            self.precision_choice = _onnxruntime_choice(requested, spec.precision)
+            self.graph: Any = _OrtGraph(self.path, threads, spinning)
+        else:
+            self.graph = _OpenVinoGraph(self.path, threads, spinning, requested, spec.precision)
+            self.precision_choice = self.graph.choice
         if tuple(self.graph.input_names) != spec.input_names or set(self.graph.output_names) != set(spec.output_names):
             raise ValueError(f"{self.path} has inputs {list(self.graph.input_names)} and outputs "
                              f"{list(self.graph.output_names)}, not the {spec.family} graph its metadata describes")
         self.max_batch = spec.batch or 8
-        self._mean = np.asarray(spec.mean, np.float32)[:, None, None]
-        self._std = np.asarray(spec.std, np.float32)[:, None, None]
+
+    def inference_precision(self) -> str | None:
+        """The arithmetic that runs: OpenVINO's as compiled; ONNX Runtime's CPU provider computes an FP32 graph in
+        f32 (an FP16 graph partly casts back to f32 on x86, so it is reported by its weights)."""
+        if self.graph is None:
+            return None
+        if self.backend == "openvino":
+            return self.graph.arithmetic()
+        return "f32" if self.spec.precision == "fp32" else None
 
     def describe(self) -> dict[str, Any]:
+        """Backend, family, `precision` (the artifact's), `executed_precision` (what really runs: "fp32", "bf16",
+        "int8+fp32"...), `precision_choice` (the policy's decision when a precision was asked for)."""
+        arithmetic = self.inference_precision()
         return {"backend": self.backend, "family": self.spec.family, "precision": self.spec.precision,
-                "input_size": list(self.spec.input_size)}
+                "input_size": list(self.spec.input_size), "inference_precision": arithmetic,
+                "executed_precision": executed_label(self.spec.precision, arithmetic),
+                "precision_choice": None if self.precision_choice is None else self.precision_choice.to_dict()}
 
     def close(self) -> None:
         """Release the graph (the session or compiled model); the runtime cannot predict afterwards."""
@@ -200,8 +273,30 @@ class VitRuntime:
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (3, H, W) float32: /255, then mean/std."""
-        x = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
-        return ((x - self._mean) / self._std).astype(np.float32)
+        return normalize(rgb, self.spec)
+
+
+def _precision_request(precision: str | None) -> str | None:
+    if precision is None:
+        return None
+    key = str(precision).lower()
+    key = {"f32": "fp32", "float32": "fp32", "f16": "fp16", "float16": "fp16", "bfloat16": "bf16"}.get(key, key)
+    if key not in PRECISION_REQUESTS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_REQUESTS)}, got {precision!r}")
+    return key
+
+
+def _onnxruntime_choice(requested: str | None, weights: str) -> PrecisionChoice | None:
+    """ONNX Runtime runs the artifact's own precision: "auto" or that precision; anything else is an error."""
+    if requested is None:
+        return None
+    if requested not in ("auto", weights):
+        instead = ("bf16 arithmetic is an OpenVINO option: use backend='openvino'" if requested == "bf16"
+                   else f"export a {requested} artifact (deimv2-export ... --precision {requested}), or use "
+                        "backend='openvino'")
+        raise ValueError(f"ONNX Runtime runs the artifact's own precision ({weights}), not {requested}: {instead}")
+    return PrecisionChoice(requested, weights, "f32" if weights == "fp32" else None,
+                           f"onnxruntime runs the artifact's own precision ({weights})")
 
 
 class Dinov3Runtime(VitRuntime):
@@ -290,8 +385,9 @@ class EomtRuntime(VitRuntime):
 
 
 def load_vit_runtime(path: str | os.PathLike, backend: str | None = None, threads: int | None = None,
-                     spec: VitSpec | None = None, spinning: bool = True) -> VitRuntime:
-    """The runtime of a DINOv3 (Dinov3Runtime) or EoMT (EomtRuntime) artifact; backend from the file type."""
+                     spec: VitSpec | None = None, spinning: bool = True, precision: str | None = None) -> VitRuntime:
+    """The runtime of a DINOv3 (Dinov3Runtime) or EoMT (EomtRuntime) artifact; backend from the file type.
+    `precision`: the precision policy (module docstring), None for each backend's default."""
     p = Path(path)
     spec = spec or read_vit_spec(p)
     if spec is None:
@@ -299,4 +395,4 @@ def load_vit_runtime(path: str | os.PathLike, backend: str | None = None, thread
                          "`deimv2-export dinov3|eomt --checkpoint FOLDER`")
     backend = backend or ("openvino" if p.suffix.lower() == ".xml" else "onnxruntime")
     cls = EomtRuntime if spec.family == "eomt" else Dinov3Runtime
-    return cls(p, spec, backend, threads, spinning)
+    return cls(p, spec, backend, threads, spinning, precision)
