@@ -23,8 +23,8 @@ from deimv2_deploy.data.categories import CategoryMapping, match_categories
 from deimv2_deploy.data.coco import CocoDataset, DatasetError, load_coco, read_record_image
 from deimv2_deploy.detections import Detections
 
-__all__ = ["METRIC_KEYS", "evaluate", "evaluate_dataset", "evaluation_subset", "coco_results", "coco_metrics",
-           "evaluator_info", "format_metrics"]
+__all__ = ["METRIC_KEYS", "coco_eval_summary", "evaluate", "evaluate_dataset", "evaluation_subset", "coco_results",
+           "coco_metrics", "evaluator_info", "format_metrics"]
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _METRIC_TEXT = {  # the rows of pycocotools' summary, for the printed table
@@ -109,9 +109,15 @@ def coco_metrics(ground_truth: dict[str, Any], results: np.ndarray | list[dict[s
         ev = lib.COCOeval_faster(gt, dt, iouType="bbox", print_function=lambda *a, **k: None)
         if image_ids is not None:
             ev.params.imgIds = sorted(int(i) for i in image_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
+        return coco_eval_summary(ev)
+
+
+def coco_eval_summary(ev: Any) -> tuple[dict[str, float | None], dict[int, float | None]]:
+    """Run a prepared COCOeval (bbox or segm) and read its 12 metrics (METRIC_KEYS; undefined -> None) and AP per
+    category id (None where that category has no ground truth)."""
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
     stats = np.asarray(ev.stats, np.float64)[:len(METRIC_KEYS)]
     metrics = {k: (None if v < 0 else float(v)) for k, v in zip(METRIC_KEYS, stats, strict=True)}
     # precision: [IoU thresholds, recall points, categories, area ranges, max dets]; area "all", 100 dets

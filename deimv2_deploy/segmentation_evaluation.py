@@ -25,7 +25,7 @@ import numpy as np
 from deimv2_deploy.data.categories import CategoryMismatchError
 from deimv2_deploy.data.coco import read_record_image
 from deimv2_deploy.data.panoptic import VOID_ID, PanopticCategory, PanopticDataset, PanopticRecord, read_panoptic_ids
-from deimv2_deploy.evaluation import METRIC_KEYS, evaluator_info
+from deimv2_deploy.evaluation import METRIC_KEYS, coco_eval_summary, evaluator_info
 from deimv2_deploy.segmentation_metrics import PanopticQuality, SemanticConfusion
 
 __all__ = ["SEGMENTATION_TASKS", "match_classes_by_name", "evaluate_segmentation", "format_segmentation_metrics"]
@@ -104,17 +104,7 @@ def _mask_ap(images: list[dict], categories: list[dict], gt: list[dict], results
             return {**metrics, "per_class": {c["id"]: (0.0 if any(a["category_id"] == c["id"] for a in gt)
                                                        else None) for c in categories}}
         ev = lib.COCOeval_faster(coco, dt, iouType="segm", print_function=lambda *a, **k: None)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = np.asarray(ev.stats, np.float64)[:len(METRIC_KEYS)]
-    metrics = {k: (None if v < 0 else float(v)) for k, v in zip(METRIC_KEYS, stats, strict=True)}
-    precision = np.asarray(ev.eval["precision"])[:, :, :, 0, -1]
-    per_class = {}
-    for k, cid in enumerate(ev.params.catIds):
-        p = precision[:, :, k]
-        p = p[p > -1]
-        per_class[int(cid)] = float(p.mean()) if p.size else None
+        metrics, per_class = coco_eval_summary(ev)
     return {**metrics, "per_class": per_class}
 
 
