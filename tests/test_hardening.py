@@ -526,8 +526,8 @@ LAYERS = {  # package part -> the parts it may import (besides itself)
     "top": {"core", "data", "models", "training", "runtimes", "exporters", "evaluation", "top"},
 }
 _PARTS = {"data": "data", "models": "models", "training": "training", "runtimes": "runtimes", "exporters": "exporters",
-          "evaluation": "evaluation", "benchmarks": "top", "cli": "top", "capi": "top", "demo": "top",
-          "serving": "top"}
+          "evaluation": "evaluation", "segmentation_evaluation": "evaluation",  # both measure runtimes on datasets
+          "benchmarks": "top", "cli": "top", "capi": "top", "demo": "top", "serving": "top"}
 
 
 def _layer(module: str) -> str:
