@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 from pathlib import Path
+
+# OpenVINO's and NNCF's telemetry (openvino_telemetry, used by model conversion and NNCF quantization) forks a
+# process from a worker thread to post to Google Analytics. Without network, that child can hang forever in
+# getaddrinfo (a lock held by another thread at fork time), and the test session then hangs at exit joining it
+# (seen once on CI: pytest had printed its summary and never exited). Both libraries turn telemetry off when CI=true.
+os.environ["CI"] = "true"
 
 import pytest
 from golden import load_golden_module, shared_dir  # noqa: F401 - re-exported for tests
