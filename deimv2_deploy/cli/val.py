@@ -140,18 +140,9 @@ def _eomt_body(args: argparse.Namespace, spec: Any) -> int:
     finally:
         runtime.close()
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    for note in result["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"{runtime.backend} {runtime.spec.precision} EoMT-DINOv3: {result['images']} images, tasks "
-          f"{', '.join(result['tasks'])}")
-    print(format_segmentation_metrics(result, per_class=args.per_class))
-    if args.json:
-        from deimv2_deploy.media import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    return _report(result, f"{runtime.backend} {runtime.spec.precision} EoMT-DINOv3: {result['images']} images, "
+                           f"tasks {', '.join(result['tasks'])}",
+                   format_segmentation_metrics(result, per_class=args.per_class), args.json)
 
 
 def _body(args: argparse.Namespace) -> int:
@@ -196,17 +187,24 @@ def _body(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     result["seconds"] = round(time.perf_counter() - t0, 3)
+    return _report(result, f"{runtime.backend.value} {runtime.spec.precision} DEIMv2-{runtime.spec.variant}: "
+                           f"{result['images']} images, {result['detections']} detections, "
+                           f"{result['evaluator']['name']} {result['evaluator']['version']}",
+                   format_metrics(result, per_class=args.per_class), args.json)
+
+
+def _report(result: dict, headline: str, table: str, json_out: str | None) -> int:
+    """Notes to stderr, the headline and metrics table to stdout, and the result as JSON (written atomically)."""
     for note in result.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
-    print(f"{runtime.backend.value} {runtime.spec.precision} DEIMv2-{runtime.spec.variant}: {result['images']} images, "
-          f"{result['detections']} detections, {result['evaluator']['name']} {result['evaluator']['version']}")
-    print(format_metrics(result, per_class=args.per_class))
-    if args.json:
+    print(headline)
+    print(table)
+    if json_out:
         from deimv2_deploy.media import atomic_path
 
-        with atomic_path(args.json) as tmp:
+        with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+        print(f"wrote {json_out}", file=sys.stderr)
     return 0
 
 
